@@ -1,0 +1,60 @@
+# ppap-pipe: `make features mine train eval` runs the pipeline (default: embedded demo data);
+# `make test` runs the test suite. Both create .venv and install the project on first use.
+#   make features mine train eval PRESET=camvid            # CamVid from ../shared/camvid
+#   make mine PRESET=camvid MINE_ARGS="--phi0 0.9 --psi0 0.6 --name ppap_b"
+PYTHON   ?= python3
+VENV     ?= .venv
+PRESET   ?= demo
+RUN      ?= data_cache/$(PRESET)
+DATA     ?=
+WORKERS  ?= 0
+DEVICE   ?= cpu
+FEATURES_ARGS ?=
+MINE_ARGS  ?=
+TRAIN_ARGS ?=
+EVAL_ARGS  ?=
+AUDIT_ARGS ?=
+
+PPAP := $(VENV)/bin/ppap-pipe
+STAMP := $(VENV)/.installed
+COMMON := --preset $(PRESET) --out $(RUN)
+
+.PHONY: help install features mine train eval baseline audit test test-all bench clean
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install ppap-pipe with test extras
+
+features: $(STAMP)  ## stage 1: cache frozen backbone tokens (PRESET=, DATA=, WORKERS=, DEVICE=)
+	$(PPAP) features $(COMMON) $(if $(DATA),--data-root $(DATA)) --workers $(WORKERS) --device $(DEVICE) $(FEATURES_ARGS)
+
+mine: features  ## stage 2: mine PPAP sets into shards (MINE_ARGS= for overrides)
+	$(PPAP) mine $(COMMON) --workers $(WORKERS) --device $(DEVICE) $(MINE_ARGS)
+
+train: mine  ## stage 3: train the last-block copy + head (TRAIN_ARGS=)
+	$(PPAP) train $(COMMON) --device $(DEVICE) $(TRAIN_ARGS)
+
+eval: train  ## stage 4: evaluate trained run and the frozen baseline (EVAL_ARGS=)
+	$(PPAP) eval $(COMMON) --baseline frozen --device $(DEVICE) $(EVAL_ARGS)
+	$(PPAP) eval $(COMMON) --device $(DEVICE) $(EVAL_ARGS)
+
+audit: mine  ## precision audit of the mined sets (AUDIT_ARGS=)
+	$(PPAP) audit $(COMMON) $(AUDIT_ARGS)
+
+test: $(STAMP)  ## fast test suite (what CI runs)
+	$(VENV)/bin/python -m pytest -q
+
+test-all: $(STAMP)  ## every test, slow ones included
+	$(VENV)/bin/python -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)  ## print the benchmark figures
+	for b in benchmarks/bench_*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+clean:  ## remove generated runs under data_cache/ (keeps .venv)
+	find data_cache -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitkeep -exec rm -rf {} +

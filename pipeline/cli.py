@@ -1,0 +1,269 @@
+"""`ppap-pipe` command line. Each command resolves a config and calls one stage's `run(cfg)`.
+
+Resolution: defaults <- --preset <- --config FILE <- flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import List, Optional
+
+import typer
+
+from pipeline import __version__
+from pipeline import config as C
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Offline PPAP pipeline: features -> mine -> train -> eval, plus audit/show/export.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("ppap.cli")
+
+# shared option declarations -----------------------------------------------------------
+OUT = typer.Option(None, "--out", help="Run directory (default data_cache/<preset or demo>).")
+PRESET = typer.Option(None, "--preset", help=f"One of: {', '.join(C.PRESETS)}.")
+CONFIG = typer.Option(None, "--config", help="TOML/JSON file of option values (flat, or [stage] tables).")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N.")
+WORKERS = typer.Option(None, "--workers", help="Local dask worker processes (0 = in this process).")
+SCHEDULER = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler.")
+SEED = typer.Option(None, "--seed", help="Seed for every random choice of this stage.")
+
+
+def _default_out(preset: Optional[str], out: Optional[str]) -> Optional[str]:
+    if out is not None:
+        return out
+    return f"data_cache/{preset or 'demo'}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _resolve(cls, stage: str, preset, config, **flags):
+    flags["out"] = _default_out(preset, flags.get("out"))
+    return C.resolve(cls, preset=preset, config_file=config, stage=stage, **flags)
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+):
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    _setup_logging(verbose)
+
+
+@app.command()
+def features(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    dataset: Optional[str] = typer.Option(None, help="cocostuff27, cityscapes, potsdam, camvid, folder or demo."),
+    data_root: Optional[str] = typer.Option(None, help="Dataset folder (not needed for demo)."),
+    classes: Optional[str] = typer.Option(None, help="Class-list file (folder dataset)."),
+    backbone: Optional[str] = typer.Option(None, help="dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dinov2_vits14, dinov2_vits14_offline, vit_tiny_random."),
+    weights: Optional[str] = typer.Option(None, help="Local checkpoint (.pth / .safetensors); default: the backbone's own source."),
+    splits: Optional[List[str]] = typer.Option(None, "--splits", help="train and/or val (repeatable)."),
+    train_size: Optional[int] = typer.Option(None, help="Five-crop side (224)."),
+    eval_size: Optional[int] = typer.Option(None, help="Evaluation side (320)."),
+    chunk_size: Optional[int] = typer.Option(None, help="Source images per resumable chunk."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per backbone forward pass."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images per split."),
+    workers: Optional[int] = WORKERS,
+    scheduler: Optional[str] = SCHEDULER,
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Stage 1: cache the frozen backbone's tokens of a dataset in Zarr (resumable)."""
+    from stages import features as stage
+
+    cfg = _resolve(C.FeaturesConfig, "features", preset, config, out=out, dataset=dataset,
+                   data_root=data_root, classes=classes, backbone=backbone, weights=weights,
+                   splits=tuple(splits) if splits else None, train_size=train_size,
+                   eval_size=eval_size, chunk_size=chunk_size, batch_size=batch_size, limit=limit,
+                   workers=workers, scheduler=scheduler, device=device, seed=seed)
+    stage.run(cfg)
+
+
+@app.command()
+def mine(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    name: Optional[str] = typer.Option(None, help="Name of the mined sets (default: the criterion)."),
+    criterion: Optional[str] = typer.Option(None, help="ppap, p0, hp or kmeans."),
+    phi0: Optional[float] = typer.Option(None, "--phi0", help="Initial positive threshold Φ0."),
+    psi0: Optional[float] = typer.Option(None, "--psi0", help="Initial ambiguity threshold Ψ0."),
+    prop_iters: Optional[int] = typer.Option(None, help="Propagation steps T."),
+    sigma_pos: Optional[float] = typer.Option(None, help="σpos: Φ -= d/σpos."),
+    sigma_amb: Optional[float] = typer.Option(None, help="σamb: Ψ += d/σamb."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per mined batch."),
+    anchors_per_image: Optional[str] = typer.Option(None, help="Fraction of patches as anchors, e.g. 1/16, or 'all'."),
+    epochs: Optional[int] = typer.Option(None, help="Batch plans to mine (one seeded permutation each)."),
+    hp_pool_size: Optional[int] = typer.Option(None, help="HP criterion reference pool size R."),
+    kmeans_k: Optional[int] = typer.Option(None, help="k-means criterion clusters (default: classes)."),
+    backend: Optional[str] = typer.Option(None, help="faiss or torch."),
+    mem_budget_mb: Optional[int] = typer.Option(None, help="Working memory for similarity blocks."),
+    workers: Optional[int] = WORKERS,
+    scheduler: Optional[str] = SCHEDULER,
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Stage 2: mine PPAP (or P0/HP/k-means) sets on fixed seeded batches into shards."""
+    from stages import mine as stage
+
+    cfg = _resolve(C.MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
+                   phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
+                   sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
+                   epochs=epochs, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k, backend=backend,
+                   mem_budget_mb=mem_budget_mb, workers=workers, scheduler=scheduler,
+                   device=device, seed=seed)
+    stage.run(cfg)
+
+
+@app.command()
+def export(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    mined: str = typer.Option("ppap", help="Name of the mined sets."),
+    epoch: int = typer.Option(0, help="Batch plan."),
+    batch: int = typer.Option(0, help="Batch within the plan."),
+    to: str = typer.Option(..., "--to", "--file", help="Output .npz file."),
+):
+    """Write one mined batch as .npz: features, anchors, CSR positive/ambiguous sets, proxies."""
+    from stages import mine as stage
+
+    stage.export(_default_out(preset, out), mined, epoch, batch, to)
+
+
+@app.command()
+def train(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    mined: Optional[str] = typer.Option(None, help="Mined sets to train on (name under out/mine/)."),
+    name: Optional[str] = typer.Option(None, help="Training run name (default: the mined name)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (epoch e uses batch plan e)."),
+    tau: Optional[float] = typer.Option(None, help="Temperature τ of Eq. 8."),
+    parity_factor: Optional[bool] = typer.Option(None, "--parity-factor/--no-parity-factor", help="Multiply the loss by τ/0.07 like the authors' code."),
+    optimizer: Optional[str] = typer.Option(None, help="adam or adamw."),
+    lr: Optional[float] = typer.Option(None, help="Network learning rate."),
+    weight_decay: Optional[float] = typer.Option(None, help="Network weight decay."),
+    probe_lr: Optional[float] = typer.Option(None, help="Linear probe learning rate."),
+    cluster_lr: Optional[float] = typer.Option(None, help="Cluster probe learning rate."),
+    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clip."),
+    anchor_chunk: Optional[int] = typer.Option(None, help="Anchors per loss chunk (memory only)."),
+    ckpt_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Autocast on CUDA (never on CPU)."),
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Stage 3: train the last-block copy + head from cached tokens and mined shards (resumable)."""
+    from stages import train as stage
+
+    cfg = _resolve(C.TrainConfig, "train", preset, config, out=out, mined=mined, name=name,
+                   epochs=epochs, tau=tau, parity_factor=parity_factor, optimizer=optimizer, lr=lr,
+                   weight_decay=weight_decay, probe_lr=probe_lr, cluster_lr=cluster_lr,
+                   grad_clip=grad_clip, anchor_chunk=anchor_chunk, ckpt_every=ckpt_every,
+                   max_steps=max_steps, amp=amp, device=device, seed=seed)
+    stage.run(cfg)
+
+
+@app.command("eval")
+def evaluate(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    trained: Optional[str] = typer.Option(None, help="Training run to evaluate (name under out/train/)."),
+    baseline: Optional[str] = typer.Option(None, help="'frozen' evaluates the untrained features instead."),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Also report metrics after dense CRF."),
+    workers: Optional[int] = typer.Option(None, help="CRF processes (0 = all cores)."),
+    n_show: Optional[int] = typer.Option(None, help="Images in the prediction grid PNG."),
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Stage 4: Hungarian-matched cluster and linear-probe metrics, with and without CRF."""
+    from stages import evaluate as stage
+
+    cfg = _resolve(C.EvalConfig, "eval", preset, config, out=out, trained=trained,
+                   baseline=baseline, crf=crf, workers=workers, n_show=n_show, device=device,
+                   seed=seed)
+    stage.run(cfg)
+
+
+@app.command()
+def audit(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    mined: Optional[List[str]] = typer.Option(None, "--mined", help="Mined sets to compare (repeatable)."),
+    epoch: Optional[int] = typer.Option(None, help="Batch plan to audit."),
+    batches: Optional[int] = typer.Option(None, help="Audit the first N batches (a sample)."),
+    max_anchors: Optional[int] = typer.Option(None, help="At most this many anchors per batch."),
+    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid to mine and audit, e.g. phi0=0.45:0.65:0.05 (repeatable)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON."),
+    plot: Optional[str] = typer.Option(None, help="Fig. 1b PNG path."),
+    backend: Optional[str] = typer.Option(None, help="faiss or torch (for --sweep)."),
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Precision of mined sets against ground truth, side by side (paper Table 6, Fig. 1b)."""
+    from stages import audit as stage
+
+    cfg = _resolve(C.AuditConfig, "audit", preset, config, out=out,
+                   mined=tuple(mined) if mined else None, epoch=epoch, batches=batches,
+                   max_anchors=max_anchors, sweep=tuple(sweep) if sweep else None, json=json_out,
+                   plot=plot, backend=backend, device=device, seed=seed)
+    stage.run(cfg)
+
+
+@app.command()
+def show(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    mined: Optional[str] = typer.Option(None, help="Mined sets to look at."),
+    epoch: Optional[int] = typer.Option(None, help="Batch plan."),
+    batch: Optional[int] = typer.Option(None, help="Batch within the plan."),
+    anchor: Optional[List[int]] = typer.Option(None, "--anchor", help="Anchor position in the shard (repeatable)."),
+    random: Optional[int] = typer.Option(None, "--random", help="Show this many seeded random anchors."),
+    dest: Optional[str] = typer.Option(None, help="Folder for the PNGs."),
+    seed: Optional[int] = SEED,
+):
+    """Render anchors with their positive and ambiguous patches on every image of the batch."""
+    from stages import show as stage
+
+    cfg = _resolve(C.ShowConfig, "show", preset, None, out=out, mined=mined, epoch=epoch,
+                   batch=batch, anchors=tuple(anchor) if anchor else None, random=random,
+                   dest=dest, seed=seed)
+    for p in stage.run(cfg):
+        typer.echo(str(p))
+
+
+def main() -> None:
+    """Entry point: clear one-line errors for bad input, exit code 2."""
+    from pipeline.executor import StageInterrupted
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (StageInterrupted, KeyboardInterrupt) as exc:
+        typer.echo(f"interrupted: {exc or 'finished units are kept; rerun the same command to resume'}", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

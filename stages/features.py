@@ -1,0 +1,277 @@
+"""Stage 1: run the frozen backbone once over a dataset and cache its tokens in Zarr.
+
+Unit of work: a chunk of `chunk_size` source images of one split (5 crops each for `train`,
+one evaluation view each for `val`). A chunk writes its own preallocated region of every array,
+then its marker `markers/features/<split>-<chunk>.done`. A rerun skips marked chunks; a chunk
+cut short is simply redone, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import config as C
+from pipeline.executor import run_units
+from pipeline.featstore import STORE_NAME, create_split
+from pipeline.store import Markers, atomic_write_json, check_or_write_manifest, config_hash
+
+log = logging.getLogger("ppap.features")
+
+CROPS_PER_IMAGE = {"train": 5, "val": 1}
+
+
+@dataclass(frozen=True)
+class Unit:
+    split: str
+    chunk: int
+    start: int  # first source image
+    stop: int  # one past the last source image
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}-{self.chunk:05d}"
+
+    @property
+    def n_images(self) -> int:
+        return self.stop - self.start
+
+
+def _side(cfg: C.FeaturesConfig, split: str) -> int:
+    return cfg.train_size if split == "train" else cfg.eval_size
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str | None, split: str, classes: str | None, seed: int, limit: int | None):
+    from pipeline.datasets import get_dataset
+
+    ds = get_dataset(name, root, split, classes=classes, seed=seed)
+    return ds, (len(ds) if limit is None else min(limit, len(ds)))
+
+
+@functools.lru_cache(maxsize=2)
+def _backbone(name: str, weights: str | None, device: str, seed: int):
+    from pipeline.backbones import load_backbone
+
+    return load_backbone(name, weights=weights, device=device, seed=seed)
+
+
+def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
+    """Identity of the cache: everything that changes its contents."""
+    from pipeline.backbones import input_size
+
+    model, info, weights_fp = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
+    splits = {}
+    first = None
+    for split in cfg.splits:
+        ds, n = _dataset(cfg.dataset, cfg.data_root, split, cfg.classes, cfg.seed, cfg.limit)
+        first = first or ds
+        side = _side(cfg, split)
+        g = input_size(info, side) // info.patch_size
+        splits[split] = {
+            "dataset": ds.describe(),
+            "n_images": n,
+            "n_crops": n * CROPS_PER_IMAGE[split],
+            "side": side,
+            "input_side": input_size(info, side),
+            "grid": [g, g],
+        }
+    identity = {
+        "dataset": cfg.dataset,
+        "backbone": cfg.backbone,
+        "weights_fingerprint": weights_fp,
+        "seed": cfg.seed if (cfg.dataset == "demo" or weights_fp.startswith("random")) else None,
+        "preprocessing": {
+            "train": "five-crop: 4 corners + centre at half height/width, shorter side "
+                     f"{cfg.train_size}, centre {cfg.train_size}x{cfg.train_size}",
+            "val": f"shorter side {cfg.eval_size}, centre {cfg.eval_size}x{cfg.eval_size}",
+            "mean": list(info.mean), "std": list(info.std),
+            "backbone_input_resize": "bilinear, no antialias, to a multiple of the patch size",
+        },
+        "limit": cfg.limit,
+        "chunk_size": cfg.chunk_size,
+        "splits": splits,
+    }
+    manifest = {
+        **identity,
+        "fingerprint": config_hash(identity),
+        "weights": cfg.weights,
+        "patch_size": info.patch_size,
+        "embed_dim": info.embed_dim,
+        "num_classes": first.num_classes,
+        "class_names": list(first.class_names),
+        "has_labels": bool(first.has_labels),
+        "train_size": cfg.train_size,
+        "eval_size": cfg.eval_size,
+        "grid_train": splits.get("train", {}).get("grid"),
+        "grid_eval": splits.get("val", {}).get("grid"),
+    }
+    return manifest
+
+
+def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
+    import zarr
+
+    out = Path(cfg.out)
+    path = out / STORE_NAME
+    try:
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} exists but is not a Zarr v3 store this version can write ({exc}); "
+            "use another --out or delete it"
+        ) from None
+    old = root.attrs.get("manifest")
+    if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
+        raise ValueError(
+            f"{path} holds a cache with fingerprint {old.get('fingerprint')} "
+            f"but this run has {manifest['fingerprint']}; use another --out or delete it"
+        )
+    model, info, _ = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
+    for split, s in manifest["splits"].items():
+        h, w = s["grid"]
+        create_split(
+            root, split, s["n_crops"], n_tokens=1 + h * w, dim=info.embed_dim, grid=(h, w),
+            side=s["side"], labelled=manifest["has_labels"],
+            chunk=cfg.chunk_size * CROPS_PER_IMAGE[split],
+        )
+    root.attrs["manifest"] = manifest
+    return root
+
+
+def _units(cfg: C.FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
+    units = []
+    for split, s in manifest["splits"].items():
+        n = s["n_images"]
+        for c, start in enumerate(range(0, n, cfg.chunk_size)):
+            units.append(Unit(split, c, start, min(n, start + cfg.chunk_size)))
+    return units
+
+
+def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
+    """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
+    import torch
+    import zarr
+
+    from pipeline.backbones import forward_tokens, input_size
+    from pipeline.datasets import CorruptImage, eval_view, five_crops, patch_labels
+
+    t0 = time.perf_counter()
+    if cfg.workers > 0:  # share the cores between local worker processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+    ds, _ = _dataset(cfg.dataset, cfg.data_root, unit.split, cfg.classes, cfg.seed, cfg.limit)
+    model, info, _ = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
+    side = _side(cfg, unit.split)
+    in_side = input_size(info, side)
+    grid = (in_side // info.patch_size, in_side // info.patch_size)
+    per = CROPS_PER_IMAGE[unit.split]
+
+    rgbs, labels, boxes, img_idx, valid, skipped = [], [], [], [], [], []
+    for i in range(unit.start, unit.stop):
+        try:
+            sample = ds.load(i)
+        except CorruptImage as exc:
+            log.warning("skipping unreadable image %s: %s", ds.image_id(i), exc)
+            skipped.append({"index": i, "image_id": ds.image_id(i), "error": str(exc)})
+            blank = np.zeros((side, side, 3), np.uint8)
+            lab = np.full((side, side), -1, np.int64) if ds.has_labels else None
+            views = [(blank, lab, (0, 0, 0, 0))] * per
+            ok = 0
+        else:
+            views = five_crops(sample.rgb, sample.label, side) if unit.split == "train" else [
+                eval_view(sample.rgb, sample.label, side)
+            ]
+            ok = 1
+        for rgb, lab, box in views:
+            rgbs.append(rgb)
+            labels.append(lab)
+            boxes.append(box)
+            img_idx.append(i)
+            valid.append(ok)
+
+    x = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    mids, feats = [], []
+    with torch.inference_mode():
+        for b in range(0, len(x), cfg.batch_size):
+            xb = x[b : b + cfg.batch_size].to(cfg.device)
+            if in_side != side:
+                xb = torch.nn.functional.interpolate(
+                    xb, size=(in_side, in_side), mode="bilinear", align_corners=False, antialias=False
+                )
+            mid, feat = forward_tokens(model, xb)
+            mids.append(mid.to("cpu", torch.float16).numpy())
+            feats.append(feat.to("cpu", torch.float16).numpy())
+
+    lo, hi = unit.start * per, unit.stop * per
+    g = zarr.open_group(str(Path(cfg.out) / STORE_NAME), mode="r+")[unit.split]
+    g["tokens"][lo:hi] = np.concatenate(mids)
+    g["feats"][lo:hi] = np.concatenate(feats)
+    g["rgb"][lo:hi] = np.stack(rgbs)
+    g["image_index"][lo:hi] = np.asarray(img_idx, np.int32)
+    g["crop_box"][lo:hi] = np.asarray(boxes, np.int32).reshape(-1, 4)
+    if "labels" in g:
+        lab = np.stack(labels).astype(np.int16)
+        g["labels"][lo:hi] = lab
+        g["patch_labels"][lo:hi] = np.stack([patch_labels(l, grid) for l in lab]).astype(np.int16)
+    g["valid"][lo:hi] = np.asarray(valid, np.uint8)  # last array written
+    stats = {"images": unit.n_images, "crops": hi - lo, "skipped": skipped,
+             "seconds": round(time.perf_counter() - t0, 3)}
+    Markers(Path(cfg.out) / "markers" / "features").mark(unit.key, stats)
+    return stats
+
+
+def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
+    """Fill `<out>/features.zarr`; resumable; refuses to mix caches made from other inputs."""
+    import torch
+
+    out = Path(cfg.out)
+    log.info("features: dataset=%s backbone=%s out=%s device=%s seed=%d", cfg.dataset,
+             cfg.backbone, out, cfg.device, cfg.seed)
+    torch.set_grad_enabled(False)
+    manifest = _describe(cfg)
+    check_or_write_manifest(
+        out / "features_manifest.json",
+        {k: manifest[k] for k in ("dataset", "backbone", "weights_fingerprint", "seed",
+                                  "preprocessing", "limit", "chunk_size", "splits")},
+        what="feature cache",
+    )
+    _prepare_store(cfg, manifest)
+    atomic_write_json(out / "features_config.json", C.to_dict(cfg))
+    markers = Markers(out / "markers" / "features")
+    units = _units(cfg, manifest)
+    todo = [u for u in units if not markers.done(u.key)]
+    log.info("features: %d chunks, %d already done", len(units), len(units) - len(todo))
+    t0 = time.perf_counter()
+    run_units(
+        process_unit, todo, args=(cfg,), workers=cfg.workers, scheduler=cfg.scheduler,
+        desc="features", unit_weight=lambda u: u.n_images, rate_unit="img",
+    )
+    elapsed = time.perf_counter() - t0
+    skipped = [s for u in units for s in markers.read(u.key).get("skipped", [])]
+    report = {
+        "store": str(out / STORE_NAME),
+        "fingerprint": manifest["fingerprint"],
+        "chunks": len(units),
+        "chunks_computed": len(todo),
+        "images": {k: v["n_images"] for k, v in manifest["splits"].items()},
+        "crops": {k: v["n_crops"] for k, v in manifest["splits"].items()},
+        "skipped_images": skipped,
+        "seconds": round(elapsed, 2),
+    }
+    atomic_write_json(out / "features_report.json", report)
+    if skipped:
+        log.warning("features: %d unreadable image(s) skipped (valid=0 in the cache); see %s",
+                    len(skipped), out / "features_report.json")
+    log.info("features: done -> %s", json.dumps({k: report[k] for k in ("images", "crops", "seconds")}))
+    return report
