@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import config as C
 from pipeline.executor import run_units
 from pipeline.featstore import STORE_NAME, create_split
-from pipeline.store import Markers, atomic_write_json, check_or_write_manifest, config_hash
+from pipeline.store import Markers, atomic_write_json, check_or_write_manifest
 
 log = logging.getLogger("ppap.features")
 
@@ -102,7 +102,7 @@ def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
     }
     manifest = {
         **identity,
-        "fingerprint": config_hash(identity),
+        "fingerprint": C.config_hash(identity),
         "weights": cfg.weights,
         "patch_size": info.patch_size,
         "embed_dim": info.embed_dim,
@@ -122,6 +122,12 @@ def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
 
     out = Path(cfg.out)
     path = out / STORE_NAME
+    if path.exists() and not (path / "zarr.json").is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+        raise ValueError(
+            f"{path} exists but is not a Zarr v3 store written by ppap-pipe (found {found}); "
+            "it was left untouched: use another --out or delete it"
+        )
     try:
         root = zarr.open_group(str(path), mode="a", zarr_format=3)
     except Exception as exc:
