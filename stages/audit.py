@@ -1,0 +1,431 @@
+"""Audit: precision of mined sets against ground truth (paper Table 6, Fig. 1b), and sweeps.
+
+For one or more mined runs `<out>/mine/<name>/` made on the same batch plan and anchors, the
+first `batches` batches of plan `epoch` are audited on a seeded sample of at most
+`max_anchors` anchors per batch (the same sample for every run). Sets are recovered exactly
+from the shards; patch labels come from the feature cache (ALGORITHM.md §8 rules, see
+pipeline/audit.py). `--sweep` mines the same sampled anchors in memory for every point of a
+grid of (phi0, psi0, prop_iters, sigma_pos, sigma_amb) and audits each, so thresholds can be
+chosen for a new backbone on a small labelled training sample.
+
+Writes `<out>/audit/audit.json` (or `--json`), the Fig. 1b PNG (`--plot`, default
+`<out>/audit/fig1b.png`) and, for a sweep, a trade-off PNG beside it (`sweep.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline import audit as A
+from pipeline import config as C
+from pipeline.executor import timed
+from pipeline.featstore import FeatureStore
+from pipeline.store import atomic_write_json, code_version, read_json
+
+log = logging.getLogger("ppap.audit")
+
+
+@dataclass
+class MinedRun:
+    name: str
+    path: Path
+    config: dict[str, Any]
+    shards: dict[int, Path] = field(default_factory=dict)  # batch -> shard of the audited epoch
+
+    @property
+    def criterion(self) -> str:
+        return str(self.config.get("criterion", "?"))
+
+
+@dataclass
+class PlannedBatch:
+    batch: int
+    images: np.ndarray  # (B,) crop indices into the train split
+    anchors: np.ndarray  # (M,) rows of F
+    positions: np.ndarray  # audited anchor positions (0..M-1), seeded sample
+
+
+@dataclass
+class SweepPoint:
+    label: str  # e.g. "phi0=0.55 psi0=0.15"
+    params: dict[str, float | int]  # the swept values
+    config: C.MineConfig  # base config with the swept values
+
+
+@dataclass
+class Sweep:
+    base: C.MineConfig
+    grid: dict[str, list[float | int]]
+    points: list[SweepPoint]
+    skipped: list[dict[str, Any]]  # invalid grid points and why
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def load_run(out: Path, name: str, epoch: int, store: FeatureStore) -> MinedRun:
+    """A mined run's config and its finished shards of `epoch`, checked against the cache."""
+    from pipeline import shards as SH
+
+    path = out / "mine" / name
+    if not (path / "manifest.json").is_file() or not (path / "config.json").is_file():
+        have = sorted(p.parent.name for p in (out / "mine").glob("*/manifest.json"))
+        raise ValueError(
+            f"no mined sets {name!r} under {out / 'mine'} (found: {', '.join(have) or 'none'}); "
+            f"run `ppap-pipe mine --out {out} --name {name}` first or pick another --mined"
+        )
+    fp = read_json(path / "manifest.json").get("identity", {}).get("features_fingerprint")
+    if fp != store.fingerprint:
+        raise ValueError(f"mined sets {name!r} were mined from a feature cache with fingerprint {fp}, "
+                         f"but {store.path} has {store.fingerprint}; mine again for this cache")
+    config = read_json(path / "config.json")
+    n_ep = SH.n_epochs(path)
+    if not 0 <= epoch < n_ep:
+        raise ValueError(f"mined sets {name!r} have {n_ep} finished epoch(s); epoch={epoch} "
+                         f"does not exist, pick --epoch below {max(n_ep, 1)} (or finish mining)")
+    shards = {int(SH.read_marker(p)["batch"]): Path(p) for p in SH.iter_shards(path, epoch)}
+    return MinedRun(name, path, config, shards)
+
+
+def _plan_identity(run: MinedRun) -> dict[str, Any]:
+    c = run.config
+    frac = C.parse_fraction(c["anchors_per_image"]) if "anchors_per_image" in c else None
+    return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac}
+
+
+def check_compatible(runs: Sequence[MinedRun]) -> None:
+    """Refuse to compare runs whose batch plans or anchors differ."""
+    first, ref = runs[0], _plan_identity(runs[0])
+    for r in runs[1:]:
+        other = _plan_identity(r)
+        diffs = [f"{k}: {first.name}={ref[k]!r}, {r.name}={other[k]!r}" for k in ref if ref[k] != other[k]]
+        if diffs:
+            raise ValueError(
+                f"mined runs {first.name!r} and {r.name!r} were mined on different batches/anchors ("
+                + "; ".join(diffs) + "); audit them separately or re-mine with the same "
+                "--seed, --batch-size and --anchors-per-image"
+            )
+
+
+def batch_patch_labels(store: FeatureStore, images: np.ndarray) -> np.ndarray:
+    """Patch labels of a batch in F's row order b*h*w + y*w + x (int64, -1 = ignore)."""
+    arr = store.split("train")["patch_labels"]
+    images = np.asarray(images, np.int64)
+    order = np.argsort(images, kind="stable")
+    lab = arr.get_orthogonal_selection((images[order], slice(None), slice(None)))
+    out = np.empty_like(lab)
+    out[order] = lab
+    return out.reshape(-1).astype(np.int64)
+
+
+def _positions(cfg: C.AuditConfig, batch: int, m: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, cfg.epoch, batch]))
+    return A.sample_positions(m, cfg.max_anchors, rng)
+
+
+def _plan_from_shards(cfg: C.AuditConfig, runs: Sequence[MinedRun]) -> list[PlannedBatch]:
+    from pipeline import shards as SH
+
+    common = sorted(set.intersection(*(set(r.shards) for r in runs)))
+    if not common:
+        raise ValueError(
+            f"no batch of epoch {cfg.epoch} is finished in every one of {[r.name for r in runs]}; "
+            "finish mining (rerun `ppap-pipe mine`) first"
+        )
+    chosen = common[: cfg.batches]
+    if len(chosen) < cfg.batches:
+        log.warning("audit: only %d finished batch(es) common to all runs (asked for %d)",
+                    len(chosen), cfg.batches)
+    plan = []
+    for k in chosen:
+        sh = SH.read_shard(runs[0].shards[k])
+        anchors = np.asarray(sh.anchors, np.int64)
+        plan.append(PlannedBatch(k, np.asarray(sh.images, np.int64), anchors,
+                                 _positions(cfg, k, anchors.shape[0])))
+    return plan
+
+
+def _plan_from_batching(cfg: C.AuditConfig, store: FeatureStore, base: C.MineConfig) -> list[PlannedBatch]:
+    """The batches the mine stage would make with `base` (used when no mined run is given)."""
+    from pipeline.batching import anchor_rows
+    from stages.mine import batch_images
+
+    n_items = int(np.count_nonzero(store.split("train")["valid"][:]))
+    if n_items == 0:
+        raise ValueError(f"the feature cache {store.path} has no finished training crops; "
+                         "rerun `ppap-pipe features`")
+    if base.batch_size > n_items:
+        log.info("sweep: batch_size %d > %d training crops; using %d", base.batch_size, n_items, n_items)
+        base = dataclasses.replace(base, batch_size=n_items)
+    base = dataclasses.replace(base, out=str(store.out))
+    h, w = store.grid("train")
+    out = []
+    for k in range(min(cfg.batches, -(-n_items // base.batch_size))):
+        images = batch_images(base, cfg.epoch, k)
+        anchors = anchor_rows(base.seed, cfg.epoch, k, len(images), h * w, base.anchor_fraction)
+        out.append(PlannedBatch(k, np.asarray(images, np.int64), anchors, _positions(cfg, k, len(anchors))))
+    return out
+
+
+def _mine_config(d: dict[str, Any]) -> C.MineConfig:
+    names = {f.name for f in dataclasses.fields(C.MineConfig)}
+    return C.MineConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def _matching_preset(manifest: dict[str, Any]) -> str | None:
+    """The one preset made for this cache's dataset and backbone, if exactly one is."""
+    hits = [n for n, p in C.PRESETS.items()
+            if p.get("dataset") == manifest.get("dataset") and p.get("backbone") == manifest.get("backbone")]
+    return hits[0] if len(hits) == 1 else None
+
+
+def sweep_setup(cfg: C.AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, Any]) -> Sweep:
+    """Parse the grid; base parameters from the first mined ppap/p0 run, else the cache's preset."""
+    grid = A.parse_sweep(cfg.sweep)
+    base_run = next((r for r in runs if r.criterion in ("ppap", "p0")), None)
+    if base_run is not None:
+        base = _mine_config(base_run.config)
+        log.info("sweep: base parameters from mined run %r", base_run.name)
+    else:
+        preset = _matching_preset(manifest)
+        names = {f.name for f in dataclasses.fields(C.MineConfig)}
+        values = {k: v for k, v in C.PRESETS.get(preset, {}).items() if k in names}
+        base = C.MineConfig(**{**values, "seed": cfg.seed})
+        log.info("sweep: base parameters from %s (no mined ppap/p0 run given)",
+                 f"preset {preset!r}" if preset else "the defaults")
+    base = dataclasses.replace(base, criterion=base.criterion if base.criterion in ("ppap", "p0") else "ppap",
+                               backend=cfg.backend, device=cfg.device)
+    sweep = Sweep(base, grid, [], [])
+    for params in A.sweep_points(grid):
+        label = " ".join(f"{k}={v:g}" for k, v in params.items())
+        try:
+            sweep.points.append(SweepPoint(label, params, dataclasses.replace(base, **params)))
+        except ValueError as exc:  # e.g. psi0 >= phi0
+            sweep.skipped.append({"params": params, "reason": str(exc)})
+            log.info("sweep: skipping %s (%s)", label, exc)
+    if not sweep.points:
+        raise ValueError(f"every sweep point is invalid: {sweep.skipped[0]['reason']}")
+    return sweep
+
+
+def collect(
+    cfg: C.AuditConfig, store: FeatureStore, runs: Sequence[MinedRun], plan: Sequence[PlannedBatch],
+    sweep: Sweep | None,
+) -> tuple[dict[str, A.AnchorStats], list[A.AnchorStats]]:
+    """Per-anchor counts of every run and every sweep point over the planned batches."""
+    from pipeline import mining as MI
+    from pipeline import shards as SH
+
+    run_stats: dict[str, list[A.AnchorStats]] = {r.name: [] for r in runs}
+    points = sweep.points if sweep else []
+    sweep_stats: list[list[A.AnchorStats]] = [[] for _ in points]
+    for pb in plan:
+        F = store.mining_features(pb.images)
+        labels = batch_patch_labels(store, pb.images)
+        for r in runs:
+            sh = SH.read_shard(r.shards[pb.batch])
+            if not (np.array_equal(sh.images, pb.images) and np.array_equal(sh.anchors, pb.anchors)):
+                raise ValueError(
+                    f"batch {pb.batch} of {r.name!r} holds other images/anchors than {runs[0].name!r}; "
+                    "the runs were mined on different batches (or feature caches) and cannot be "
+                    "compared: audit them separately"
+                )
+            exported = SH.export_batch(F, A.subset_shard(sh, pb.positions), patch_labels=labels)
+            run_stats[r.name].append(A.batch_stats(exported))
+        sub = pb.anchors[pb.positions]
+        for i, pt in enumerate(points):
+            mc = pt.config
+            mb = MI.mine_batch(F, sub, mc.criterion, MI.MineParams.from_config(mc), backend=cfg.backend,
+                               device=cfg.device, mem_budget_mb=mc.mem_budget_mb, band=mc.band)
+            sweep_stats[i].append(A.anchor_stats(sub, mb.pos_indptr, mb.pos_indices, mb.amb_indptr,
+                                                 mb.amb_indices, labels))
+        log.info("audit: batch %d (%d of %d anchors)", pb.batch, len(pb.positions), len(pb.anchors))
+    return ({k: A.concat(v) for k, v in run_stats.items()}, [A.concat(v) for v in sweep_stats])
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: C.AuditConfig) -> dict[str, Any]:
+    """Audit mined runs (and/or a sweep); print the table, write JSON and PNGs."""
+    out = Path(cfg.out)
+    store = FeatureStore(out)
+    if not store.has_labels or "patch_labels" not in store.split("train"):
+        raise ValueError(
+            f"the feature cache {store.path} has no labels; the audit compares mined sets with "
+            "ground truth, so cache a labelled dataset (or a labelled subset) first"
+        )
+    log.info("audit: out=%s epoch=%d batches=%d max_anchors=%s seed=%d code=%s", out, cfg.epoch,
+             cfg.batches, cfg.max_anchors, cfg.seed, code_version())
+
+    runs: list[MinedRun] = []
+    for name in dict.fromkeys(cfg.mined):
+        if cfg.sweep and not (out / "mine" / name / "manifest.json").is_file():
+            log.warning("audit: mined sets %r not found; sweeping without them", name)
+            continue
+        runs.append(load_run(out, name, cfg.epoch, store))
+    if runs:
+        check_compatible(runs)
+    sweep = sweep_setup(cfg, runs, store.manifest) if cfg.sweep else None
+    plan = _plan_from_shards(cfg, runs) if runs else _plan_from_batching(cfg, store, sweep.base)
+    with timed(f"audit of {len(plan)} batch(es)", log):
+        run_stats, sweep_stats = collect(cfg, store, runs, plan, sweep)
+
+    def result(s: A.AnchorStats) -> dict[str, Any]:
+        return {**A.summarise(s, num_classes=store.num_classes, class_names=store.class_names),
+                "curve": A.fig1b_curve(s)}
+
+    run_results = [{"name": r.name, "criterion": r.criterion, "config": r.config, **result(run_stats[r.name])}
+                   for r in runs]
+    sweep_results = [{"name": pt.label, "criterion": pt.config.criterion, "params": pt.params,
+                      "config": C.to_dict(pt.config), **result(st)}
+                     for pt, st in zip(sweep.points if sweep else [], sweep_stats)]
+
+    report: dict[str, Any] = {
+        "audit_config": C.to_dict(cfg),
+        "features_fingerprint": store.manifest.get("fingerprint"),
+        "code_version": code_version(),
+        "epoch": cfg.epoch,
+        "batches": [pb.batch for pb in plan],
+        "anchors_audited": [int(len(pb.positions)) for pb in plan],
+        "anchors_in_batches": [int(len(pb.anchors)) for pb in plan],
+        "percent_units": "percentages are in [0, 100]; None = undefined (nothing to average)",
+        "runs": run_results,
+    }
+    if sweep:
+        report.update(sweep=sweep_results, sweep_grid=sweep.grid, sweep_base=C.to_dict(sweep.base),
+                      sweep_skipped=sweep.skipped)
+
+    audit_dir = out / "audit"
+    if run_results:
+        print(f"Audit of epoch {cfg.epoch}, batches {report['batches']} "
+              f"({sum(report['anchors_audited'])} anchors sampled):")
+        print(A.format_table(run_results))
+    if sweep:
+        if sweep.skipped:
+            print(f"sweep: skipped {len(sweep.skipped)} invalid point(s) (e.g. psi0 >= phi0)")
+        print(f"Sweep of {sweep_results[0]['criterion']} on the same anchors:")
+        print(A.format_table(sweep_results))
+
+    json_path = Path(cfg.json) if cfg.json else audit_dir / "audit.json"
+    atomic_write_json(json_path, report)
+    plot_path = Path(cfg.plot) if cfg.plot else audit_dir / "fig1b.png"
+    report["json"] = str(json_path)
+    report["plot"] = None
+    if run_results:
+        plot_fig1b(run_results, plot_path)
+        report["plot"] = str(plot_path)
+    if sweep:
+        sweep_png = plot_path.with_name("sweep.png" if cfg.plot is None else plot_path.stem + "_sweep.png")
+        plot_sweep(sweep_results, sweep.grid, sweep_png)
+        report["sweep_plot"] = str(sweep_png)
+    written = [str(report[k]) for k in ("json", "plot", "sweep_plot") if report.get(k)]
+    log.info("audit: wrote %s", ", ".join(written))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=fig.dpi)
+    tmp.replace(path)
+
+
+def plot_fig1b(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Bars: mean |P| of the bottom q% anchors (sorted by |P|); lines: their precision."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax2 = ax.twinx()
+    n = len(results)
+    width = 0.8 / max(n, 1)
+    colours = [f"C{i % 10}" for i in range(n)]
+    qs = results[0]["curve"]["q"] if results else []
+    x = np.arange(len(qs), dtype=float)
+    for i, (r, col) in enumerate(zip(results, colours)):
+        c = r["curve"]
+        mean_pos = [np.nan if v is None else v for v in c["mean_pos"]]
+        prec = [np.nan if v is None else v for v in c["precision"]]
+        ax.bar(x - 0.4 + width * (i + 0.5), mean_pos, width=width, color=col, alpha=0.45,
+               label=f"{r['name']}: mean |P|")
+        ax2.plot(x, prec, color=col, marker="o", markersize=3, label=f"{r['name']}: precision")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{q:g}" for q in qs], fontsize=8)
+    ax.set_xlabel("bottom q% of anchors, sorted by |P|")
+    ax.set_ylabel("mean |P| (bars)")
+    ax2.set_ylabel("precision of P, % (lines)")
+    ax2.set_ylim(0, 105)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=min(4, 2 * max(n, 1)), frameon=False)
+    ax.set_title("Positives and their precision by anchor (paper Fig. 1b)")
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def plot_sweep(results: Sequence[dict[str, Any]], grid: dict[str, list], path: str | Path) -> Path:
+    """Precision of P and same-class share of N against mean |P|, one line per colour value."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(grid)
+    key = "psi0" if "psi0" in grid else names[0]
+    values = sorted({r["params"][key] for r in results})
+    cmap = colormaps["viridis"]
+    colour = {v: cmap(i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, ykey, ylabel in ((axes[0], "tp_in_p", "% TP in P (precision)"),
+                             (axes[1], "fp_in_n", "% same-class in N (FP in N)")):
+        for v in values:
+            pts = sorted(((r["n_pos"], r[ykey], r) for r in results
+                          if r["params"][key] == v and r["n_pos"] is not None and r[ykey] is not None),
+                         key=lambda t: (t[0], t[1]))
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o", color=colour[v], label=f"{key}={v:g}")
+            others = [n for n in names if n != key]
+            for xv, yv, r in pts:
+                if others:
+                    ax.annotate(" ".join(f"{n}={r['params'][n]:g}" for n in others), (xv, yv),
+                                fontsize=6, xytext=(3, 3), textcoords="offset points")
+        xs_all = [r["n_pos"] for r in results if r["n_pos"] is not None]
+        if xs_all and min(xs_all) > 0:
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("mean |P|")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("Threshold sweep: more positives vs precision (choose on training data)")
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    return path
