@@ -239,12 +239,9 @@ def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
 
 def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
     """Fill `<out>/features.zarr`; resumable; refuses to mix caches made from other inputs."""
-    import torch
-
     out = Path(cfg.out)
     log.info("features: dataset=%s backbone=%s out=%s device=%s seed=%d", cfg.dataset,
              cfg.backbone, out, cfg.device, cfg.seed)
-    torch.set_grad_enabled(False)
     manifest = _describe(cfg)
     check_or_write_manifest(
         out / "features_manifest.json",

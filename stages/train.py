@@ -1,0 +1,394 @@
+"""Stage 3: train the fine-tuned branch and the probes from cached mid tokens and mined shards.
+
+Reads `<out>/features.zarr` (never runs the frozen backbone) and `<out>/mine/<mined>/`; writes
+`<out>/train/<run>/`: manifest.json (identity), config.json (resolved config), metrics.jsonl
+(one line per step) and last.pt (atomic; keys documented in pipeline/model.py).
+
+Epoch e trains on the batches of mined plan e % n_plans, in batch order. Step = one shard:
+tokens of its crops -> code, z; Eq. 8 on z with the shard's sets; linear-probe cross-entropy
+and cluster-probe loss on code.detach(). Everything is seeded and has no other randomness, so a
+run killed after a checkpoint and rerun resumes to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import config as C
+from pipeline.executor import StageInterrupted
+from pipeline.featstore import FeatureStore
+from pipeline.loss import ppap_loss
+from pipeline.model import CKPT_FORMAT, build_model
+from pipeline.store import atomic_write_json, check_or_write_manifest, code_version, read_json
+
+log = logging.getLogger("ppap.train")
+
+# Settings that do not change the trained weights: a rerun may change them freely.
+_NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "device")
+
+# Max relative L2 error and min cosine between cached feats and the branch's initial code.
+# fp16 storage of tokens and feats gives ~3e-4 (DINOv2 ViT-S on CamVid, tiny random ViT);
+# the same architecture with other random weights gives ~7e-2 (min cosine ~0.993).
+_REPRO_REL_ERR = 5e-3
+_REPRO_MIN_COS = 0.9999
+
+
+def _gather(arr, crops: np.ndarray) -> np.ndarray:
+    """Rows `crops` (any order, distinct) of a zarr array, in that order."""
+    crops = np.asarray(crops, dtype=np.int64)
+    order = np.argsort(crops, kind="stable")
+    sel = (crops[order],) + (slice(None),) * (arr.ndim - 1)
+    rows = arr.get_orthogonal_selection(sel)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+@dataclass(frozen=True)
+class MinedRun:
+    """A finished mined-set directory that belongs to the feature cache being trained on."""
+
+    dir: Path
+    fingerprint: str  # hash of its manifest identity
+    plans: list[list[Path]]  # shard paths per batch plan, in batch order
+
+    @property
+    def n_plans(self) -> int:
+        return len(self.plans)
+
+
+def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
+    """Open `<out>/mine/<mined>/`; refuses shards of another cache and unfinished mining."""
+    from pipeline import batching, shards
+
+    mine_dir = out / "mine" / mined
+    mpath = mine_dir / "manifest.json"
+    rerun = f"rerun `ppap-pipe mine --out {out} --name {mined}` with the same settings to finish it"
+    if not mpath.is_file():
+        raise ValueError(
+            f"no mined sets named {mined!r} at {mine_dir}; run `ppap-pipe mine --out {out} "
+            f"--name {mined}` first, or pass the --mined name of an existing run"
+        )
+    identity = read_json(mpath).get("identity", {})
+    theirs = identity.get("features_fingerprint")
+    if theirs != store.fingerprint:
+        raise ValueError(
+            f"the mined sets {mine_dir} were mined from a feature cache with fingerprint "
+            f"{theirs!r}, but {store.path} has fingerprint {store.fingerprint!r}; mine again "
+            "from this cache (another --name) or train with the cache they belong to"
+        )
+    n_plans = int(shards.n_epochs(mine_dir))
+    want_plans = want_batches = None
+    if (mine_dir / "config.json").is_file():  # what the mine stage was asked to produce
+        mcfg = read_json(mine_dir / "config.json")
+        g = store.split("train")
+        n_items = int(np.count_nonzero(g["valid"][:])) if "valid" in g else store.n("train")
+        want_plans = int(mcfg["epochs"])
+        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, n_items,
+                                               int(mcfg["batch_size"])))
+    if n_plans == 0 or (want_plans is not None and n_plans < want_plans):
+        raise ValueError(f"mining in {mine_dir} is unfinished ({n_plans} of "
+                         f"{want_plans or '?'} batch plans complete); {rerun}")
+    plans = []
+    for e in range(want_plans or n_plans):
+        paths = [Path(p) for p in shards.iter_shards(mine_dir, e)]
+        have = [p.name for p in paths]
+        n = want_batches or len(paths)
+        if have != [shards.shard_path(mine_dir, e, b).name for b in range(n)]:
+            raise ValueError(f"mining in {mine_dir} is unfinished (plan {e} has {len(paths)} of "
+                             f"{n} batches, or a gap); {rerun}")
+        plans.append(paths)
+    return MinedRun(mine_dir, C.config_hash(identity), plans)
+
+
+def load_frozen_backbone(manifest: dict[str, Any]):
+    """The cache's backbone (for its last block + norm); refuses other weights."""
+    from pipeline.backbones import load_backbone
+
+    model, info, fp = load_backbone(manifest["backbone"], weights=manifest.get("weights"),
+                                    device="cpu", seed=int(manifest.get("seed") or 0))
+    want = manifest.get("weights_fingerprint")
+    if want is not None and fp != want:
+        raise ValueError(
+            f"backbone {manifest['backbone']} now loads weights {fp}, but the cache was made with "
+            f"{want}; restore those weights (--weights in the features stage) or rebuild the cache"
+        )
+    return model, info, fp
+
+
+def check_reproduces_cache(branch, store: FeatureStore,
+                           crop: int | None = None) -> dict[str, float]:
+    """The branch at initialisation must turn cached tokens into the cached feats (fp16 tol).
+
+    Checks one crop (default: the first one written from a readable image).
+    """
+    g = store.split("train")
+    if crop is None:
+        valid = np.flatnonzero(np.asarray(g["valid"][:])) if "valid" in g else np.arange(1)
+        crop = int(valid[0]) if valid.size else 0
+    tokens = torch.from_numpy(np.asarray(g["tokens"][crop:crop + 1], dtype=np.float32))
+    cached = torch.from_numpy(np.asarray(g["feats"][crop], dtype=np.float32))
+    dev = next(branch.parameters()).device
+    with torch.no_grad():
+        code = branch.encode(tokens.to(dev)).float().cpu()
+    ours = code[0].flatten(1).T  # (h*w, D)
+    rel = float((ours - cached).norm() / cached.norm().clamp_min(1e-12))
+    cos = float(torch.nn.functional.cosine_similarity(ours, cached, dim=1).min())
+    if not (rel <= _REPRO_REL_ERR and cos >= _REPRO_MIN_COS):
+        raise ValueError(
+            f"the last block + norm of backbone {store.manifest['backbone']} do not reproduce the "
+            f"cached features of crop {crop} (relative error {rel:.3g}, min cosine {cos:.4f}); "
+            "the backbone weights differ from those that made the cache: rebuild the cache"
+        )
+    return {"rel_err": rel, "min_cos": cos}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint's step (they are recomputed after a resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def _last_metric(path: Path, key: str):
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]).get(key) if lines else None
+
+
+def _device(cfg: C.TrainConfig) -> torch.device:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig):
+    """(net, linear probe or None, cluster probe) optimisers as configured."""
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt_net = opt_cls(branch.net_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_lin = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr) if linear is not None else None
+    return opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr)
+
+
+@torch.enable_grad()  # callers (or an earlier stage in this process) may have disabled it
+def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, anchors, sets,
+               cfg: C.TrainConfig, amp: bool = False) -> dict[str, Any]:
+    """One optimisation step on one batch; returns its losses and set sizes.
+
+    models = (branch, linear or None, cluster), opts = their optimisers (same order); `tokens`
+    (B, 1+h*w, D) float32 mid tokens; `labels` (B, S, S) int64 or None; `anchors`/`sets`: the
+    shard's anchor rows and recovered CSR sets. Probes learn from code.detach() only; the
+    gradient norm of the network is clipped to cfg.grad_clip.
+    """
+    branch, linear, cluster = models
+    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+        code, z = branch(tokens)
+    loss, stats = ppap_loss(
+        z, anchors, sets.pos_indptr, sets.pos_indices, sets.amb_indptr, sets.amb_indices,
+        tau=cfg.tau, parity_factor=cfg.parity_factor, chunk=cfg.anchor_chunk,
+    )
+    feats = code.detach().float()
+    lin_loss = linear.loss(feats, labels) if linear is not None and labels is not None else None
+    clu_loss = cluster.loss(feats)
+    total = loss + clu_loss + (lin_loss if lin_loss is not None else 0.0)
+    for opt in opts:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(branch.net_parameters(), cfg.grad_clip)
+    for opt in opts:
+        if opt is not None:
+            opt.step()
+    return {
+        "loss": float(loss.detach()),
+        "linear_loss": float(lin_loss.detach()) if lin_loss is not None else None,
+        "cluster_loss": float(clu_loss.detach()),
+        "grad_norm": float(grad_norm),
+        "mean_pos": stats.mean_pos, "mean_neg": stats.mean_neg, "mean_amb": stats.mean_amb,
+        "anchors_used": stats.anchors_used,
+    }
+
+
+def run(cfg: C.TrainConfig) -> dict[str, Any]:
+    """Train (or resume) `<out>/train/<run>/`; returns a summary dict."""
+    from pipeline import shards
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    store = FeatureStore(out)
+    mined = mined_run(out, cfg.mined, store)
+    n_plans = mined.n_plans
+    run_dir = out / "train" / cfg.run_name
+    dev = _device(cfg)
+    version = code_version()
+    log.info("train: run %s on mined %s (%d plan(s)), seed %d, device %s, code %s", run_dir,
+             cfg.mined, n_plans, cfg.seed, dev, version)
+    if cfg.epochs > n_plans:
+        log.info("train: %d epochs over %d mined plan(s): epoch e reuses plan e %% %d",
+                 cfg.epochs, n_plans, n_plans)
+
+    man = store.manifest
+    backbone, info, weights_fp = load_frozen_backbone(man)
+    branch, linear, cluster = build_model(man, backbone, n_clusters=cfg.n_clusters, seed=cfg.seed,
+                                          device=str(dev))
+    del backbone
+    repro = check_reproduces_cache(branch, store)
+    log.info("train: branch reproduces the cache (rel err %.2g, min cos %.5f)", repro["rel_err"],
+             repro["min_cos"])
+
+    cfg_dict = C.to_dict(cfg)
+    identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
+    identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
+                    mined_plans=[len(p) for p in mined.plans])
+    check_or_write_manifest(run_dir / "manifest.json", identity, what="training run")
+    atomic_write_json(run_dir / "config.json", cfg_dict)
+
+    opt_net, opt_lin, opt_clu = make_optimisers(branch, linear, cluster, cfg)
+    models, opts = (branch, linear, cluster), (opt_net, opt_lin, opt_clu)
+
+    meta = {
+        "backbone": man["backbone"], "weights": man.get("weights"),
+        "backbone_seed": int(man.get("seed") or 0), "weights_fingerprint": weights_fp,
+        "patch_size": info.patch_size, "embed_dim": store.embed_dim,
+        "grid": list(store.grid("train")), "num_classes": store.num_classes,
+        "n_clusters": cluster.n_clusters, "has_labels": store.has_labels,
+        "class_names": store.class_names,
+    }
+    ckpt_path = run_dir / "last.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    step, epoch, batch, finished = 0, 0, 0, False
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        if ck.get("format") != CKPT_FORMAT:
+            raise ValueError(f"{ckpt_path} is not a {CKPT_FORMAT} checkpoint; delete {run_dir} "
+                             "to start again")
+        branch.load_state_dict(ck["branch"])
+        cluster.load_state_dict(ck["cluster_probe"])
+        opt_net.load_state_dict(ck["opt_net"])
+        opt_clu.load_state_dict(ck["opt_cluster"])
+        if linear is not None:
+            linear.load_state_dict(ck["linear_probe"])
+            opt_lin.load_state_dict(ck["opt_linear"])
+        step, epoch, batch, finished = ck["step"], ck["epoch"], ck["batch"], ck["finished"]
+        log.info("train: resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step,
+                 epoch, batch)
+    _truncate_metrics(metrics_path, step)
+
+    def save(finished_now: bool) -> None:
+        _atomic_torch_save({
+            "format": CKPT_FORMAT,
+            "branch": branch.state_dict(),
+            "linear_probe": linear.state_dict() if linear is not None else None,
+            "cluster_probe": cluster.state_dict(),
+            "opt_net": opt_net.state_dict(),
+            "opt_linear": opt_lin.state_dict() if opt_lin is not None else None,
+            "opt_cluster": opt_clu.state_dict(),
+            "step": step, "epoch": epoch, "batch": batch, "finished": finished_now,
+            "config": cfg_dict, "model": meta,
+            "features_fingerprint": store.fingerprint, "mined_fingerprint": mined.fingerprint,
+            "code_version": version,
+        }, ckpt_path)
+
+    plans = mined.plans
+    total = sum(len(plans[e % n_plans]) for e in range(cfg.epochs))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    tokens_arr = store.split("train")["tokens"]
+    labels_arr = store.split("train")["labels"] if linear is not None else None
+    amp = cfg.amp and dev.type == "cuda"
+    branch.train()
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", dynamic_ncols=True)
+    last_loss = None
+    t_loop = time.perf_counter()
+    steps_here = 0
+    try:
+        while not finished and epoch < cfg.epochs:
+            paths = plans[epoch % n_plans]
+            while batch < len(paths):
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+                t0 = time.perf_counter()
+                shard = shards.read_shard(paths[batch])
+                images = np.asarray(shard.images, dtype=np.int64)
+                tokens = torch.from_numpy(_gather(tokens_arr, images).astype(np.float32)).to(dev)
+                labels = (torch.from_numpy(_gather(labels_arr, images).astype(np.int64)).to(dev)
+                          if linear is not None else None)
+                sets = shards.recover_sets(shard, store.mining_features(images))
+                res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                step += 1
+                batch += 1
+                steps_here += 1
+                last_loss = res["loss"]
+                rec = {"step": step, "epoch": epoch, "batch": batch - 1, "plan": epoch % n_plans,
+                       **res, "time": round(time.perf_counter() - t0, 4),
+                       "elapsed": round(time.perf_counter() - t_start, 3)}
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", P=f"{res['mean_pos']:.0f}",
+                                N=f"{res['mean_neg']:.0f}",
+                                sps=f"{steps_here / (time.perf_counter() - t_loop):.2f}")
+                if step % cfg.ckpt_every == 0 and batch < len(paths):
+                    save(False)
+            if batch < len(paths):  # stopped by max_steps inside the epoch
+                break
+            epoch, batch = epoch + 1, 0
+            finished = epoch >= cfg.epochs
+            save(finished)
+            log.info("train: epoch %d done at step %d (loss %.4f)", epoch - 1, step,
+                     last_loss if last_loss is not None else float("nan"))
+        if not finished:
+            save(False)
+    except KeyboardInterrupt:
+        raise StageInterrupted(
+            f"training interrupted at step {step}; rerun the same command to resume from the last "
+            f"checkpoint {ckpt_path}"
+        ) from None
+    finally:
+        bar.close()
+    if last_loss is None:  # nothing trained in this call: report the last recorded loss
+        last_loss = _last_metric(metrics_path, "loss")
+
+    summary = {
+        "run_dir": str(run_dir), "checkpoint": str(ckpt_path), "steps": step,
+        "steps_this_run": steps_here, "epoch": epoch, "batch": batch, "finished": finished,
+        "final_loss": last_loss, "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    log.info("train: %s", json.dumps(summary))
+    return summary
