@@ -8,6 +8,7 @@ cut short is simply redone, so the result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -239,6 +240,11 @@ def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
 
 def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
     """Fill `<out>/features.zarr`; resumable; refuses to mix caches made from other inputs."""
+    # absolute paths: dask workers may start elsewhere
+    cfg = dataclasses.replace(
+        cfg, out=str(Path(cfg.out).resolve()),
+        data_root=str(Path(cfg.data_root).expanduser().resolve()) if cfg.data_root else None,
+    )
     out = Path(cfg.out)
     log.info("features: dataset=%s backbone=%s out=%s device=%s seed=%d", cfg.dataset,
              cfg.backbone, out, cfg.device, cfg.seed)
