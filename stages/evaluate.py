@@ -1,0 +1,502 @@
+"""Stage 4: cluster and linear-probe metrics on the evaluation split, with and without CRF.
+
+The evaluation split is `val` of `<out>/features.zarr`. For a trained run, `code` comes from
+the fine-tuned branch applied to the cached val mid tokens and the probes are the ones trained
+with it (the last checkpoint: selection never looks at the evaluation split). For
+`--baseline frozen`, `code` is the cached frozen features; the cluster probe is a seeded
+spherical k-means and the linear probe a 1x1 conv trained on the frozen *training* features,
+so every report can show the gain over the untrained backbone.
+
+Per val image (ALGORITHM.md §6): code -> bilinear upsampling to the label size -> probes;
+cluster prediction = argmax cosine to the centroids, linear = argmax logits; one confusion
+matrix per (probe, CRF on/off) over the split; Hungarian matching for clusters. CRF runs in
+worker processes while the next batch is computed.
+
+Writes `<out>/eval/<name>/`: metrics.json, confusion.npz (raw matrices), confusion.png,
+predictions.png, config.json (name = the training run, or 'frozen'; the baseline also keeps its
+fitted probes in probes.pt).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+from tqdm import tqdm
+
+from pipeline import config as C
+from pipeline import crf as crf_mod
+from pipeline import metrics as M
+from pipeline.executor import timed
+from pipeline.featstore import FeatureStore, normalise
+from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
+
+log = logging.getLogger("ppap.evaluate")
+
+EVAL_SPLIT = "val"
+FIT_SPLIT = "train"
+BATCH = 8  # val crops read and encoded per step
+UPSAMPLE_BUDGET_MB = 256  # upsampled code (D x S x S float32) held at once
+# frozen baseline probes (fitted on the training split only)
+KMEANS_MAX_ROWS = 100_000  # seeded subsample of training patches for spherical k-means
+KMEANS_NITER = 30
+PROBE_EPOCHS = 5  # linear probe on frozen training features: Adam, as the trained path
+PROBE_MIN_STEPS = 500  # more epochs on small training splits so the probe converges
+PROBE_LR = 1e-3
+PROBE_BATCH = 32
+PROBE_BLOCK = 256  # crops read contiguously, shuffled within (I/O-friendly shuffling)
+PROBE_CACHE_MB = 1024  # training splits up to this size are read once and kept in memory
+
+
+@dataclass
+class Probes:
+    """What the evaluation needs from a model: code for val crops, and the two probes."""
+
+    name: str
+    inputs: str  # the val array `code` reads: "tokens" (trained branch) or "feats" (frozen)
+    code: Callable[[dict[str, np.ndarray]], torch.Tensor]  # val batch -> (B, D, h, w) float32
+    linear: Any  # pipeline.model.LinearProbe
+    cluster: Any  # pipeline.model.ClusterProbe
+    info: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- model sources
+
+
+def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+    from pipeline.model import load_trained
+
+    ckpt = Path(cfg.out) / "train" / cfg.trained / "last.pt"
+    if not ckpt.is_file():
+        raise ValueError(
+            f"no checkpoint at {ckpt}; run `ppap-pipe train --out {cfg.out} --name {cfg.trained}` "
+            "first, or pass --trained NAME of an existing run (or --baseline frozen)"
+        )
+    branch, linear, cluster, tcfg = load_trained(ckpt, cfg.device)
+    if tcfg.get("features_fingerprint") != store.fingerprint:
+        raise ValueError(
+            f"{ckpt} was trained on feature cache {tcfg.get('features_fingerprint')} but "
+            f"{store.path} is {store.fingerprint}; evaluate with the --out it was trained in"
+        )
+    if linear is None:
+        raise ValueError(f"{ckpt} has no linear probe (trained without labels); cannot evaluate it")
+    grid = store.grid(EVAL_SPLIT)
+    dev = torch.device(cfg.device)
+
+    def code(batch: dict[str, np.ndarray]) -> torch.Tensor:
+        tokens = torch.from_numpy(batch["tokens"]).to(dev, torch.float32)
+        return branch.encode(tokens, grid).float()
+
+    info = {"checkpoint": str(ckpt), "step": tcfg.get("step"), "epoch": tcfg.get("epoch"),
+            "mined_fingerprint": tcfg.get("mined_fingerprint")}
+    return Probes(cfg.trained, "tokens", code, linear, cluster, info)
+
+
+def _frozen_code_fn(store: FeatureStore, split: str, device: torch.device):
+    h, w = store.grid(split)
+
+    def code(batch: dict[str, np.ndarray]) -> torch.Tensor:
+        f = torch.from_numpy(batch["feats"]).to(device, torch.float32)  # (B, h*w, D)
+        return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], h, w)
+
+    return code
+
+
+def _valid_rows(group, n: int) -> np.ndarray:
+    if "valid" in group:
+        return np.flatnonzero(np.asarray(group["valid"][:]) > 0)
+    return np.arange(n)
+
+
+def _kmeans_sample(store: FeatureStore, seed: int) -> np.ndarray:
+    """Seeded subsample (<= KMEANS_MAX_ROWS rows) of normalised frozen training patches."""
+    g = store.split(FIT_SPLIT)
+    crops = _valid_rows(g, store.n(FIT_SPLIT))
+    hw = int(np.prod(store.grid(FIT_SPLIT)))
+    rng = np.random.default_rng([seed, 1])
+    n_crops = min(len(crops), -(-KMEANS_MAX_ROWS // hw))
+    chosen = np.sort(rng.choice(crops, size=n_crops, replace=False))
+    rows = []
+    for s in range(0, len(chosen), PROBE_BLOCK):
+        idx = chosen[s:s + PROBE_BLOCK]
+        f = g["feats"].get_orthogonal_selection((idx, slice(None), slice(None)))
+        rows.append(normalise(f.reshape(-1, f.shape[-1])))
+    x = np.concatenate(rows)
+    if len(x) > KMEANS_MAX_ROWS:
+        x = x[np.sort(rng.choice(len(x), size=KMEANS_MAX_ROWS, replace=False))]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (k, D) of unit rows `x` (faiss, seeded)."""
+    import faiss
+
+    if len(x) < k:
+        raise ValueError(f"{len(x)} training patches cannot make {k} clusters; cache more training images")
+    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_NITER, seed=int(seed), spherical=True,
+                      max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)
+    km.train(x)
+    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+
+
+def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device):
+    """LinearProbe trained on frozen training features and labels (Adam, seeded order).
+
+    PROBE_EPOCHS epochs, or more when needed to reach PROBE_MIN_STEPS optimiser steps.
+    """
+    from pipeline.model import LinearProbe
+
+    g = store.split(FIT_SPLIT)
+    if "labels" not in g:
+        raise ValueError(f"{store.path}/{FIT_SPLIT} has no labels; the frozen baseline's linear "
+                         "probe needs a labelled training split")
+    code_fn = _frozen_code_fn(store, FIT_SPLIT, device)
+    gen = torch.Generator().manual_seed(int(seed))
+    probe = LinearProbe(store.embed_dim, store.num_classes, gen).to(device)
+    opt = torch.optim.Adam(probe.parameters(), lr=PROBE_LR)
+    crops = _valid_rows(g, store.n(FIT_SPLIT))
+    blocks = [crops[s:s + PROBE_BLOCK] for s in range(0, len(crops), PROBE_BLOCK)]
+    feats_arr, labels_arr = g["feats"], g["labels"]
+    row_bytes = (int(np.prod(feats_arr.shape[1:])) + int(np.prod(labels_arr.shape[1:]))) * 2
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+        {} if len(crops) * row_bytes <= PROBE_CACHE_MB << 20 else None)  # small splits: read once
+
+    def read(bi: int) -> tuple[np.ndarray, np.ndarray]:
+        if cache is not None and bi in cache:
+            return cache[bi]
+        sel = (blocks[bi], slice(None), slice(None))
+        data = feats_arr.get_orthogonal_selection(sel), labels_arr.get_orthogonal_selection(sel)
+        if cache is not None:
+            cache[bi] = data
+        return data
+
+    rng = np.random.default_rng([seed, 2])
+    per_epoch = sum(-(-len(b) // PROBE_BATCH) for b in blocks)
+    epochs = max(PROBE_EPOCHS, -(-PROBE_MIN_STEPS // max(per_epoch, 1)))
+    steps = epochs * per_epoch
+    with torch.enable_grad(), tqdm(total=steps, desc="frozen linear probe", unit="step",
+                                   dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            for bi in rng.permutation(len(blocks)):
+                feats, labels = read(int(bi))
+                order = rng.permutation(len(feats))
+                for s in range(0, len(feats), PROBE_BATCH):
+                    j = order[s:s + PROBE_BATCH]
+                    code = code_fn({"feats": feats[j]})
+                    lab = torch.from_numpy(labels[j].astype(np.int64)).to(device)
+                    loss = probe.loss(code, lab)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    bar.update(1)
+                    if bar.n % 25 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    probe.eval().requires_grad_(False)
+    probe.epochs, probe.steps = epochs, steps  # recorded in metrics.json
+    return probe
+
+
+def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+    from pipeline.model import ClusterProbe
+
+    dev = torch.device(cfg.device)
+    k = store.num_classes
+    with timed("frozen baseline: spherical k-means on training features", log):
+        x = _kmeans_sample(store, cfg.seed)
+        centroids = fit_kmeans(x, k, cfg.seed)
+    cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cluster.centroids.copy_(torch.from_numpy(centroids))
+    cluster = cluster.to(dev).eval().requires_grad_(False)
+    with timed("frozen baseline: linear probe on training features", log):
+        linear = fit_linear_probe(store, cfg.seed, dev)
+    info = {"kmeans_rows": int(len(x)), "kmeans_niter": KMEANS_NITER, "probe_epochs": linear.epochs,
+            "probe_steps": linear.steps, "probe_lr": PROBE_LR, "probe_batch": PROBE_BATCH}
+    return Probes("frozen", "feats", _frozen_code_fn(store, EVAL_SPLIT, dev), linear, cluster, info)
+
+
+# --------------------------------------------------------------------------- evaluation pass
+
+
+def _predict(probes: Probes, code: torch.Tensor, size: tuple[int, int]):
+    """(cosine (B, C, H, W), logits (B, K, H, W)) after upsampling code to `size`."""
+    up = Fn.interpolate(code, size=size, mode="bilinear", align_corners=False)
+    return probes.cluster.scores(up), probes.linear.predict_logits(up, size)
+
+
+def _show_indices(n: int, n_show: int) -> list[int]:
+    if n_show <= 0 or n == 0:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n_show, n))})
+
+
+def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
+    """Stream the val split; returns confusion matrices and the predictions of shown images."""
+    g = store.split(EVAL_SPLIT)
+    if "labels" not in g:
+        raise ValueError(f"{store.path}/{EVAL_SPLIT} has no labels; evaluation needs a labelled val split")
+    rows = _valid_rows(g, store.n(EVAL_SPLIT))
+    if len(rows) == 0:
+        raise ValueError(f"{store.path}/{EVAL_SPLIT} holds no valid images to evaluate")
+    k = store.num_classes
+    c = probes.cluster.n_clusters
+    if probes.linear.num_classes != k:
+        raise ValueError(f"linear probe has {probes.linear.num_classes} classes, the cache {k}")
+    conf = {(p, on): M.Confusion(k, c if p == "cluster" else k)
+            for p in ("cluster", "linear") for on in ((False, True) if cfg.crf else (False,))}
+    show_at = set(_show_indices(len(rows), cfg.n_show))
+    shown: dict[int, dict[str, np.ndarray]] = {}
+    key = probes.inputs
+    size = (int(g["labels"].shape[-2]), int(g["labels"].shape[-1]))  # labels and rgb: S x S
+    per_step = max(1, (UPSAMPLE_BUDGET_MB << 20) // (store.embed_dim * size[0] * size[1] * 4))
+
+    pool = crf_mod.CRFPool(cfg.workers) if cfg.crf else None
+    window = 2 * pool.workers if pool else 0
+    pending: dict[int, Future] = {}
+    crf_bar = tqdm(total=len(rows), desc="crf", unit="img", dynamic_ncols=True, disable=pool is None)
+    labels_of: dict[int, np.ndarray] = {}
+
+    def collect(pos: int) -> None:
+        cl, li = pending.pop(pos).result()
+        gt = labels_of.pop(pos)
+        conf[("cluster", True)].update(gt, cl)
+        conf[("linear", True)].update(gt, li)
+        if pos in shown:
+            shown[pos]["cluster_crf"], shown[pos]["linear_crf"] = cl, li
+        crf_bar.update(1)
+
+    try:
+        with torch.no_grad(), tqdm(total=len(rows), desc=f"eval {probes.name}", unit="img",
+                                   dynamic_ncols=True) as bar:
+            for b0 in range(0, len(rows), BATCH):
+                idx = rows[b0:b0 + BATCH]
+                sel = (idx, *([slice(None)] * 2))
+                batch = {key: g[key].get_orthogonal_selection(sel)}
+                labels = g["labels"].get_orthogonal_selection(sel).astype(np.int64)
+                rgb = g["rgb"].get_orthogonal_selection((idx, *([slice(None)] * 3)))
+                code = probes.code(batch)
+                for s in range(0, len(idx), per_step):
+                    cos, logits = _predict(probes, code[s:s + per_step], size)
+                    cl_pred = cos.argmax(1).cpu().numpy()
+                    li_pred = logits.argmax(1).cpu().numpy()
+                    if pool is not None:
+                        p_cl = crf_mod.cluster_probs(cos.cpu().numpy(), axis=1)
+                        p_li = crf_mod.softmax(logits.cpu().numpy(), axis=1)
+                    for j in range(cl_pred.shape[0]):
+                        pos = b0 + s + j
+                        gt = labels[s + j]
+                        conf[("cluster", False)].update(gt, cl_pred[j])
+                        conf[("linear", False)].update(gt, li_pred[j])
+                        if pos in show_at:
+                            shown[pos] = {"rgb": rgb[s + j], "gt": gt, "cluster": cl_pred[j],
+                                          "linear": li_pred[j]}
+                        if pool is not None:
+                            labels_of[pos] = gt
+                            pending[pos] = pool.submit(rgb[s + j], [p_cl[j], p_li[j]])
+                            while len(pending) > window:
+                                collect(min(pending))
+                bar.update(len(idx))
+        while pending:
+            collect(min(pending))
+    finally:
+        crf_bar.close()
+        if pool is not None:
+            pool.close()
+    if conf[("linear", False)].matrix.sum() == 0:
+        raise ValueError(f"{store.path}/{EVAL_SPLIT} has no labelled pixel (all ignore = -1); "
+                         "nothing to evaluate")
+    return {"confusion": {k_: v.matrix for k_, v in conf.items()}, "shown": shown,
+            "n_images": int(len(rows))}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def summarise(confs: dict[tuple[str, bool], np.ndarray], crf_on: bool) -> tuple[dict, dict]:
+    """metrics.json blocks per CRF setting, and the cluster mappings used."""
+    out: dict[str, Any] = {}
+    mappings: dict[str, list[int]] = {}
+    for on in ((False, True) if crf_on else (False,)):
+        tag = "crf" if on else "no_crf"
+        cs, mapping = M.cluster_scores(confs[("cluster", on)])
+        ls = M.linear_scores(confs[("linear", on)])
+        out[tag] = {
+            "cluster_acc": cs.accuracy, "cluster_miou": cs.miou,
+            "linear_acc": ls.accuracy, "linear_miou": ls.miou,
+            "per_class_iou": {"cluster": cs.per_class_iou, "linear": ls.per_class_iou},
+        }
+        mappings[tag] = [int(v) for v in mapping]
+    if not crf_on:
+        out["crf"] = None
+    return out, mappings
+
+
+def palette(n: int) -> np.ndarray:
+    """Fixed (n, 3) uint8 class colours (tab20, tab20b, tab20c, then seeded extras)."""
+    from matplotlib import colormaps
+
+    cols = np.concatenate([colormaps[name](np.arange(20))[:, :3] for name in ("tab20", "tab20b", "tab20c")])
+    cols = (cols * 255).round().astype(np.uint8)
+    if n > len(cols):
+        extra = np.random.default_rng(0).integers(0, 256, size=(n - len(cols), 3), dtype=np.uint8)
+        cols = np.concatenate([cols, extra])
+    return cols[:n]
+
+
+def colourise(labels: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    """Class ids -> RGB; ignore (<0) black, ids outside the palette (unmatched clusters) white."""
+    lab = np.asarray(labels, dtype=np.int64)
+    out = np.zeros(lab.shape + (3,), np.uint8)
+    inside = (lab >= 0) & (lab < len(pal))
+    out[inside] = pal[lab[inside]]
+    out[lab >= len(pal)] = 255
+    return out
+
+
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", pad_inches=0.1)
+    return buf.getvalue()
+
+
+def confusion_png(matched_cluster: np.ndarray, linear: np.ndarray, class_names: list[str]) -> bytes:
+    """Row-normalised confusion matrices (cluster after Hungarian matching, linear) side by side."""
+    from matplotlib.figure import Figure
+
+    k = len(class_names)
+    side = max(4.0, 0.28 * k + 2)
+    fig = Figure(figsize=(2 * side + 1, side), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, m, title in ((axes[0], matched_cluster, "cluster (Hungarian-matched)"), (axes[1], linear, "linear probe")):
+        m = np.asarray(m, dtype=np.float64)
+        norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        cols = list(class_names) + (["unmatched"] if m.shape[1] > k else [])
+        fs = max(4, min(9, int(200 / max(k, 1))))
+        ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=fs)
+        ax.set_yticks(range(k), class_names, fontsize=fs)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        ax.set_title(title)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the row")
+    return _png(fig)
+
+
+def predictions_png(shown: dict[int, dict[str, np.ndarray]], mapping: dict[str, np.ndarray],
+                    k: int, crf_on: bool, class_names: list[str]) -> bytes:
+    """Grid: image | ground truth | cluster | linear (| cluster+CRF | linear+CRF) per shown image."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    pal = palette(k)
+    cols = ["image", "ground truth", "cluster", "linear"] + (["cluster + CRF", "linear + CRF"] if crf_on else [])
+    rows = sorted(shown)
+    fig = Figure(figsize=(2.2 * len(cols), 2.2 * max(1, len(rows)) + 0.8), dpi=100, layout="constrained")
+    axes = np.asarray(fig.subplots(max(1, len(rows)), len(cols), squeeze=False))
+    for r, pos in enumerate(rows):
+        item = shown[pos]
+        panels = [item["rgb"], colourise(item["gt"], pal),
+                  colourise(_map(item["cluster"], mapping["no_crf"], k), pal), colourise(item["linear"], pal)]
+        if crf_on:
+            panels += [colourise(_map(item["cluster_crf"], mapping["crf"], k), pal),
+                       colourise(item["linear_crf"], pal)]
+        for c, img in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=9)
+    for ax in axes.ravel()[len(rows) * len(cols):]:
+        ax.axis("off")
+    handles = [Patch(color=pal[i] / 255, label=class_names[i]) for i in range(k)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(k, 9), fontsize=7)
+    return _png(fig)
+
+
+def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
+    """Cluster ids -> matched class ids; unmatched clusters -> k (drawn white)."""
+    lut = np.where(np.asarray(mapping) >= 0, mapping, k)
+    return lut[clusters]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(cfg: C.EvalConfig) -> dict[str, Any]:
+    """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`."""
+    t0 = time.perf_counter()
+    if cfg.baseline == "none" and not cfg.trained:
+        raise ValueError("give --trained NAME (a run under out/train/) or --baseline frozen")
+    store = FeatureStore(cfg.out)
+    if not store.has_labels:
+        raise ValueError(f"{store.path} was cached without labels; evaluation needs a labelled dataset")
+    probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
+    name = probes.name
+    dest = Path(cfg.out) / "eval" / name
+    log.info("eval %s: %d val images, K=%d classes, C=%d clusters, crf=%s, device=%s, seed=%d, code %s",
+             name, store.n(EVAL_SPLIT), store.num_classes, probes.cluster.n_clusters, cfg.crf,
+             cfg.device, cfg.seed, code_version())
+    with timed(f"eval {name}: val pass", log):
+        res = evaluate_split(cfg, store, probes)
+    confs = res["confusion"]
+    blocks, mappings = summarise(confs, cfg.crf)
+    report = {
+        "name": name,
+        "baseline": cfg.baseline,
+        "split": EVAL_SPLIT,
+        "n_images": res["n_images"],
+        "num_classes": store.num_classes,
+        "n_clusters": int(probes.cluster.n_clusters),
+        "class_names": store.class_names,
+        **blocks,
+        "cluster_mapping": mappings,
+        "model": probes.info,
+        "features_fingerprint": store.fingerprint,
+        "code_version": code_version(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
+    if cfg.baseline == "frozen":  # keep the fitted baseline probes for inspection and reuse
+        buf = io.BytesIO()
+        torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
+                    "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},
+                    "info": probes.info, "seed": cfg.seed}, buf)
+        atomic_write_bytes(dest / "probes.pt", buf.getvalue())
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()})
+    atomic_write_bytes(dest / "confusion.npz", buf.getvalue())
+    mapping_arr = {t: np.asarray(v) for t, v in mappings.items()}
+    matched = M.matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
+    if not (matched[:, -1] > 0).any():
+        matched = matched[:, :-1]
+    atomic_write_bytes(dest / "confusion.png",
+                       confusion_png(matched, confs[("linear", False)], store.class_names))
+    if res["shown"]:
+        atomic_write_bytes(dest / "predictions.png",
+                           predictions_png(res["shown"], mapping_arr, store.num_classes, cfg.crf,
+                                           store.class_names))
+    else:
+        (dest / "predictions.png").unlink(missing_ok=True)  # no stale grid from an earlier run
+    atomic_write_json(dest / "metrics.json", report)
+    nc = blocks["no_crf"]
+    msg = (f"eval {name}: cluster acc {nc['cluster_acc']:.1f} mIoU {nc['cluster_miou']:.1f} | "
+           f"linear acc {nc['linear_acc']:.1f} mIoU {nc['linear_miou']:.1f}")
+    if cfg.crf:
+        cr = blocks["crf"]
+        msg += (f" | +CRF cluster {cr['cluster_acc']:.1f}/{cr['cluster_miou']:.1f} "
+                f"linear {cr['linear_acc']:.1f}/{cr['linear_miou']:.1f}")
+    log.info("%s -> %s", msg, dest)
+    return report

@@ -1,0 +1,240 @@
+"""Stage 4 on a tiny synthetic feature store: frozen baseline, trained checkpoints, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from pipeline import metrics as M
+from pipeline.config import EvalConfig
+from pipeline.featstore import FeatureStore, create_split
+from stages import evaluate
+
+K = 3
+PATCH = 8
+TRAIN_SIDE, EVAL_SIDE = 32, 48  # grids 4x4 (train) and 6x6 (val): eval uses its own grid
+N_TRAIN, N_VAL = 40, 7
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [40, 60, 220]])
+BACKBONE_SEED = 3
+
+
+def _backbone():
+    from pipeline.backbones import load_backbone
+
+    model, info, _ = load_backbone("vit_tiny_random", seed=BACKBONE_SEED)
+    return model, info
+
+
+def _fill(g, n, side, rng, backbone, protos, invalid=()):
+    """Crops made of 2x2 blocks of patches, one class per block; features follow the class."""
+    from pipeline.backbones import feats_from_mid
+
+    grid = side // PATCH
+    half = grid // 2
+    blocks = rng.integers(0, K, size=(n, 2, 2))
+    patch = np.kron(blocks, np.ones((half, half), np.int64))  # (n, grid, grid)
+    labels = np.kron(patch, np.ones((PATCH, PATCH), np.int64)).astype(np.int16)
+    labels[:, :PATCH, :PATCH] = -1  # an ignored corner patch in every crop
+    dim = protos.shape[1]
+    mid = np.empty((n, 1 + grid * grid, dim), np.float32)
+    mid[:, 0] = rng.normal(size=(n, dim))
+    mid[:, 1:] = 3.0 * protos[patch.reshape(n, -1)] + rng.normal(0, 0.7, size=(n, grid * grid, dim))
+    mid = mid.astype(np.float16)
+    with torch.no_grad():
+        feats = feats_from_mid(backbone, torch.from_numpy(mid.astype(np.float32))).numpy()
+    rgb = np.clip(COLOURS[np.maximum(labels, 0)] + rng.normal(0, 8, labels.shape + (3,)), 0, 255)
+    valid = np.ones(n, np.uint8)
+    for i in invalid:  # an unreadable image: zero features, misleading labels; must be skipped
+        valid[i] = 0
+        feats[i] = 0
+        mid[i] = 0
+        labels[i] = 0
+    g["tokens"][:] = mid
+    g["feats"][:] = feats.astype(np.float16)
+    g["labels"][:] = labels
+    g["patch_labels"][:] = patch.astype(np.int16)
+    g["rgb"][:] = rgb.astype(np.uint8)
+    g["image_index"][:] = np.arange(n, dtype=np.int32)
+    g["valid"][:] = valid
+    return labels, valid
+
+
+def make_store(out: Path, seed: int = 0, labelled: bool = True) -> dict:
+    backbone, info = _backbone()
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(K, info.embed_dim)).astype(np.float32)
+    root = zarr.open_group(str(out / "features.zarr"), mode="w", zarr_format=3)
+    info_out = {}
+    for split, n, side, invalid in (("train", N_TRAIN, TRAIN_SIDE, ()), ("val", N_VAL, EVAL_SIDE, (N_VAL - 1,))):
+        grid = side // PATCH
+        g = create_split(root, split, n, n_tokens=1 + grid * grid, dim=info.embed_dim,
+                         grid=(grid, grid), side=side, labelled=True, chunk=8)
+        info_out[split] = _fill(g, n, side, rng, backbone, protos, invalid)
+    root.attrs["manifest"] = {
+        "dataset": "synthetic", "backbone": "vit_tiny_random", "patch_size": PATCH,
+        "embed_dim": info.embed_dim, "num_classes": K, "class_names": ["red", "green", "blue"],
+        "has_labels": labelled, "train_size": TRAIN_SIDE, "eval_size": EVAL_SIDE,
+        "grid_train": [TRAIN_SIDE // PATCH] * 2, "grid_eval": [EVAL_SIDE // PATCH] * 2,
+        "weights_fingerprint": f"random:{BACKBONE_SEED}", "fingerprint": f"synthetic{seed}",
+    }
+    return info_out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_probe():
+    """Fewer optimiser steps for the baseline's linear probe on this tiny store."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "PROBE_MIN_STEPS", 150)
+        yield
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalstore")
+    labels = make_store(out)
+    return out, labels
+
+
+@pytest.fixture(scope="module")
+def frozen_report(store_dir):
+    out, _ = store_dir
+    return evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, workers=1, n_show=3, seed=0))
+
+
+def _strip(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("seconds",)}
+
+
+def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
+    out, labels = store_dir
+    dest = out / "eval" / "frozen"
+    on_disk = json.loads((dest / "metrics.json").read_text())
+    assert _strip(on_disk) == json.loads(json.dumps(_strip(frozen_report)))
+    assert on_disk["n_images"] == N_VAL - 1  # the invalid crop is skipped
+    assert on_disk["class_names"] == ["red", "green", "blue"]
+    for tag in ("no_crf", "crf"):
+        block = on_disk[tag]
+        assert set(block) == {"cluster_acc", "cluster_miou", "linear_acc", "linear_miou", "per_class_iou"}
+        assert set(block["per_class_iou"]) == {"cluster", "linear"}
+        assert all(len(v) == K for v in block["per_class_iou"].values())
+        # separable classes: both probes get (nearly) everything right
+        assert block["cluster_acc"] > 95 and block["linear_acc"] > 95, block
+        assert block["cluster_miou"] > 90 and block["linear_miou"] > 90, block
+    # confusion matrices cover exactly the valid pixels of the valid crops
+    val_labels, valid = labels["val"]
+    n_valid_px = int(((val_labels >= 0) & (val_labels < K))[valid > 0].sum())
+    confs = np.load(dest / "confusion.npz")
+    assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"}
+    for name in confs.files:
+        assert confs[name].shape == (K, K) and confs[name].sum() == n_valid_px
+    s, _ = M.cluster_scores(confs["cluster_no_crf"])
+    assert s.accuracy == pytest.approx(on_disk["no_crf"]["cluster_acc"])
+    # images and config
+    for png in ("confusion.png", "predictions.png"):
+        with Image.open(dest / png) as im:
+            im.verify()
+        with Image.open(dest / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["baseline"] == "frozen" and cfg["name"] == "frozen"
+
+
+def test_frozen_baseline_is_reproducible_and_worker_independent(store_dir, frozen_report, tmp_path):
+    out, _ = store_dir
+    again = evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, workers=2, n_show=3, seed=0))
+    assert _strip(again) == _strip(frozen_report)
+
+
+def _checkpoint(path: Path, store: FeatureStore, centroids: torch.Tensor, linear_state: dict,
+                fingerprint: str | None = None) -> None:
+    """A ppap-train/1 checkpoint whose branch is at initialisation (code == frozen features)."""
+    from pipeline.model import CKPT_FORMAT, build_model
+
+    backbone, _ = _backbone()
+    manifest = dict(store.manifest)
+    branch, linear, cluster = build_model(manifest, backbone, n_clusters=len(centroids), seed=5)
+    linear.load_state_dict(linear_state)
+    with torch.no_grad():
+        cluster.centroids.copy_(centroids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "format": CKPT_FORMAT, "branch": branch.state_dict(), "linear_probe": linear.state_dict(),
+        "cluster_probe": cluster.state_dict(), "step": 0, "epoch": 0, "batch": 0, "finished": True,
+        "config": {"seed": 5},
+        "model": {"backbone": "vit_tiny_random", "weights": None, "backbone_seed": BACKBONE_SEED,
+                  "patch_size": PATCH, "embed_dim": store.embed_dim, "grid": manifest["grid_train"],
+                  "num_classes": K, "n_clusters": len(centroids), "has_labels": True,
+                  "class_names": store.class_names},
+        "features_fingerprint": fingerprint or store.fingerprint, "mined_fingerprint": "none",
+        "code_version": "test",
+    }, path)
+
+
+@pytest.fixture(scope="module")
+def frozen_probes(store_dir, frozen_report):
+    """The baseline's fitted probes, as saved beside its metrics."""
+    out, _ = store_dir
+    saved = torch.load(out / "eval" / "frozen" / "probes.pt", weights_only=True)
+    return FeatureStore(out), saved["centroids"], saved["linear_probe"]
+
+
+def test_trained_at_init_with_baseline_probes_matches_baseline(store_dir, frozen_report, frozen_probes):
+    out, _ = store_dir
+    store, centroids, linear = frozen_probes
+    _checkpoint(out / "train" / "init" / "last.pt", store, centroids, linear)
+    rep = evaluate.run(EvalConfig(out=str(out), trained="init", crf=True, workers=1, n_show=2))
+    assert rep["name"] == "init" and rep["model"]["checkpoint"].endswith("init/last.pt")
+    for tag in ("no_crf", "crf"):
+        for key in ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou"):
+            # code from the branch (float32) vs the cached float16 features: near-ties only
+            assert rep[tag][key] == pytest.approx(frozen_report[tag][key], abs=0.5), (tag, key)
+    dest = out / "eval" / "init"
+    for f in ("metrics.json", "config.json", "confusion.png", "predictions.png", "confusion.npz"):
+        assert (dest / f).is_file()
+
+
+def test_extra_clusters_stay_unmatched(store_dir, frozen_probes):
+    """C = K + 2 clusters, and --no-crf: unmatched clusters are reported, metrics unchanged."""
+    out, _ = store_dir
+    store, c, linear = frozen_probes
+    extra = torch.cat([c, -c[:2]])  # two far-away clusters no pixel picks
+    _checkpoint(out / "train" / "extra" / "last.pt", store, extra, linear)
+    rep = evaluate.run(EvalConfig(out=str(out), trained="extra", crf=False, n_show=2))
+    base = json.loads((out / "eval" / "init" / "metrics.json").read_text())
+    assert rep["crf"] is None
+    assert rep["n_clusters"] == K + 2
+    mapping = rep["cluster_mapping"]["no_crf"]
+    assert sorted(m for m in mapping if m >= 0) == list(range(K)) and mapping.count(-1) == 2
+    conf = np.load(out / "eval" / "extra" / "confusion.npz")["cluster_no_crf"]
+    assert conf.shape == (K, K + 2) and conf[:, K:].sum() == 0
+    assert rep["no_crf"] == base["no_crf"]
+
+
+def test_refuses_bad_inputs(store_dir, tmp_path):
+    out, _ = store_dir
+    with pytest.raises(ValueError, match="ppap-pipe train"):
+        evaluate.run(EvalConfig(out=str(out), trained="nope"))
+    with pytest.raises(ValueError, match="--trained NAME"):
+        evaluate.run(EvalConfig(out=str(out), trained=None))
+    with pytest.raises(ValueError, match="ppap-pipe features"):
+        evaluate.run(EvalConfig(out=str(tmp_path / "empty"), baseline="frozen"))
+    store = FeatureStore(out)
+    c = torch.randn(K, store.embed_dim, generator=torch.Generator().manual_seed(0))
+    from pipeline.model import LinearProbe
+
+    lin = LinearProbe(store.embed_dim, K, torch.Generator().manual_seed(0)).state_dict()
+    _checkpoint(out / "train" / "other" / "last.pt", store, c, lin, fingerprint="elsewhere")
+    with pytest.raises(ValueError, match="trained on feature cache elsewhere"):
+        evaluate.run(EvalConfig(out=str(out), trained="other"))
+
+
+def test_unlabelled_store_is_refused(tmp_path):
+    make_store(tmp_path, labelled=False)
+    with pytest.raises(ValueError, match="without labels"):
+        evaluate.run(EvalConfig(out=str(tmp_path), baseline="frozen"))
