@@ -191,6 +191,13 @@ def evaluate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Also report metrics after dense CRF."),
     workers: Optional[int] = typer.Option(None, help="CRF processes (0 = all cores)."),
     n_show: Optional[int] = typer.Option(None, help="Images in the prediction grid PNG."),
+    probes: Optional[str] = typer.Option(
+        None, "--probes",
+        help="trained (default): the probes trained with the run. refit: fit the cluster probe "
+             "(seeded spherical k-means) and the linear probe on the training split's code of "
+             "the evaluated model exactly like the frozen baseline does, so trained vs baseline "
+             "compares representations with identical probe fitting; writes eval/<name>-refit/. "
+             "No effect with --baseline frozen (it always fits)."),
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
 ):
@@ -198,8 +205,8 @@ def evaluate(
     from stages import evaluate as stage
 
     cfg = _resolve(C.EvalConfig, "eval", preset, config, out=out, trained=trained,
-                   baseline=baseline, crf=crf, workers=workers, n_show=n_show, device=device,
-                   seed=seed)
+                   baseline=baseline, crf=crf, workers=workers, n_show=n_show, probes=probes,
+                   device=device, seed=seed)
     stage.run(cfg)
 
 

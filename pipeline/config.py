@@ -249,10 +249,14 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     n_show: int = 6  # images in the prediction grid
+    probes: str = "trained"  # trained | refit (fit k-means + linear probe on the run's code)
 
     def __post_init__(self) -> None:
         if self.baseline not in ("none", "frozen"):
             raise ValueError(f"baseline={self.baseline!r}: choose 'none' or 'frozen'")
+        if self.probes not in ("trained", "refit"):
+            raise ValueError(f"probes={self.probes!r}: choose 'trained' (the probes saved with the "
+                             "run) or 'refit' (fitted on its training-split code like the baseline)")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must be >= 0")
         _check_device(self.device)

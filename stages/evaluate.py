@@ -1,20 +1,26 @@
 """Stage 4: cluster and linear-probe metrics on the evaluation split, with and without CRF.
 
 The evaluation split is `val` of `<out>/features.zarr`. For a trained run, `code` comes from
-the fine-tuned branch applied to the cached val mid tokens and the probes are the ones trained
-with it (the last checkpoint: selection never looks at the evaluation split). For
-`--baseline frozen`, `code` is the cached frozen features; the cluster probe is a seeded
-spherical k-means and the linear probe a 1x1 conv trained on the frozen *training* features,
-so every report can show the gain over the untrained backbone.
+the fine-tuned branch applied to the cached val mid tokens and the probes are, by default
+(`--probes trained`), the ones trained with it (the last checkpoint: selection never looks at
+the evaluation split). For `--baseline frozen`, `code` is the cached frozen features and the
+probes are *fitted* on the training split: the cluster probe is a seeded spherical k-means and
+the linear probe a 1x1 conv trained with Adam (lr 1e-3, batch 64, PROBE_EPOCHS = 5 epochs: the
+same optimiser, batch size and epoch count as the presets' training), so every report can show
+the gain over the untrained backbone. `--probes refit` fits a trained run's probes the same
+way, on the training split's code from the trained branch (applied to the cached train mid
+tokens), so trained vs baseline compares representations with identical probe fitting. Both
+fitting paths read their code through a `CodeSource` (frozen feats or branch-encoded tokens).
 
 Per val image (ALGORITHM.md §6): code -> bilinear upsampling to the label size -> probes;
 cluster prediction = argmax cosine to the centroids, linear = argmax logits; one confusion
 matrix per (probe, CRF on/off) over the split; Hungarian matching for clusters. CRF runs in
 worker processes while the next batch is computed.
 
-Writes `<out>/eval/<name>/`: metrics.json, confusion.npz (raw matrices), confusion.png,
-predictions.png, config.json (name = the training run, or 'frozen'; the baseline also keeps its
-fitted probes in probes.pt).
+Writes `<out>/eval/<name>/`: metrics.json (with `probes`: trained | refit; the frozen baseline
+reports refit), confusion.npz (raw matrices), confusion.png, predictions.png, config.json (name
+= the training run, `<run>-refit` with `--probes refit`, or 'frozen'; fitted probes are also
+kept in probes.pt).
 """
 
 from __future__ import annotations
@@ -43,15 +49,14 @@ log = logging.getLogger("ppap.evaluate")
 
 EVAL_SPLIT = "val"
 FIT_SPLIT = "train"
-BATCH = 8  # val crops read and encoded per step
+BATCH = 8  # crops read and encoded per step (val pass; training-split code for refit)
 UPSAMPLE_BUDGET_MB = 256  # upsampled code (D x S x S float32) held at once
-# frozen baseline probes (fitted on the training split only)
+# fitted probes (frozen baseline, --probes refit), on the training split only
 KMEANS_MAX_ROWS = 100_000  # seeded subsample of training patches for spherical k-means
 KMEANS_NITER = 30
-PROBE_EPOCHS = 5  # linear probe on frozen training features: Adam, as the trained path
-PROBE_MIN_STEPS = 500  # more epochs on small training splits so the probe converges
+PROBE_EPOCHS = 5  # linear probe: Adam, lr, batch and epochs as the presets' training
 PROBE_LR = 1e-3
-PROBE_BATCH = 32
+PROBE_BATCH = 64
 PROBE_BLOCK = 256  # crops read contiguously, shuffled within (I/O-friendly shuffling)
 PROBE_CACHE_MB = 1024  # training splits up to this size are read once and kept in memory
 
@@ -71,7 +76,44 @@ class Probes:
 # --------------------------------------------------------------------------- model sources
 
 
-def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+@dataclass
+class CodeSource:
+    """Training-split code for fitting probes, in the layout of the cached `feats`."""
+
+    name: str  # for logs and progress bars
+    itemsize: int  # bytes per value of what `read` returns (memory budget of the fit cache)
+    read: Callable[[np.ndarray], np.ndarray]  # sorted crop indices -> (n, h*w, D) float array
+
+
+def frozen_source(store: FeatureStore) -> CodeSource:
+    """The cached frozen features of the training split."""
+    feats = store.split(FIT_SPLIT)["feats"]
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        return feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+
+    return CodeSource("frozen features", feats.dtype.itemsize, read)
+
+
+def branch_source(store: FeatureStore, branch, device: torch.device, name: str) -> CodeSource:
+    """`branch.encode` of the cached training mid tokens, BATCH crops at a time (float32)."""
+    tokens = store.split(FIT_SPLIT)["tokens"]
+    grid = store.grid(FIT_SPLIT)
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), grid[0] * grid[1], store.embed_dim), np.float32)
+        with torch.no_grad():
+            for s in range(0, len(idx), BATCH):
+                sel = (idx[s:s + BATCH], slice(None), slice(None))
+                t = torch.from_numpy(tokens.get_orthogonal_selection(sel)).to(device, torch.float32)
+                code = branch.encode(t, grid).float()  # (b, D, h, w)
+                out[s:s + len(t)] = code.flatten(2).transpose(1, 2).cpu().numpy()
+        return out
+
+    return CodeSource(f"{name} branch code", 4, read)
+
+
+def _load_checkpoint(cfg: C.EvalConfig, store: FeatureStore):
     from pipeline.model import load_trained
 
     ckpt = Path(cfg.out) / "train" / cfg.trained / "last.pt"
@@ -86,8 +128,13 @@ def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
             f"{ckpt} was trained on feature cache {tcfg.get('features_fingerprint')} but "
             f"{store.path} is {store.fingerprint}; evaluate with the --out it was trained in"
         )
-    if linear is None:
-        raise ValueError(f"{ckpt} has no linear probe (trained without labels); cannot evaluate it")
+    info = {"checkpoint": str(ckpt), "step": tcfg.get("step"), "epoch": tcfg.get("epoch"),
+            "mined_fingerprint": tcfg.get("mined_fingerprint")}
+    return branch, linear, cluster, info
+
+
+def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+    branch, linear, cluster, info = _load_checkpoint(cfg, store)
     grid = store.grid(EVAL_SPLIT)
     dev = torch.device(cfg.device)
 
@@ -95,8 +142,13 @@ def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
         tokens = torch.from_numpy(batch["tokens"]).to(dev, torch.float32)
         return branch.encode(tokens, grid).float()
 
-    info = {"checkpoint": str(ckpt), "step": tcfg.get("step"), "epoch": tcfg.get("epoch"),
-            "mined_fingerprint": tcfg.get("mined_fingerprint")}
+    if cfg.probes == "refit":
+        name = f"{cfg.trained}-refit"
+        linear, cluster, fit_info = _fit_probes(cfg, store, branch_source(store, branch, dev, cfg.trained))
+        return Probes(name, "tokens", code, linear, cluster, {**info, **fit_info})
+    if linear is None:
+        raise ValueError(f"{info['checkpoint']} has no linear probe (trained without labels); "
+                         "cannot evaluate it with --probes trained")
     return Probes(cfg.trained, "tokens", code, linear, cluster, info)
 
 
@@ -116,8 +168,8 @@ def _valid_rows(group, n: int) -> np.ndarray:
     return np.arange(n)
 
 
-def _kmeans_sample(store: FeatureStore, seed: int) -> np.ndarray:
-    """Seeded subsample (<= KMEANS_MAX_ROWS rows) of normalised frozen training patches."""
+def _kmeans_sample(store: FeatureStore, seed: int, source: CodeSource) -> np.ndarray:
+    """Seeded subsample (<= KMEANS_MAX_ROWS rows) of normalised training-split code."""
     g = store.split(FIT_SPLIT)
     crops = _valid_rows(g, store.n(FIT_SPLIT))
     hw = int(np.prod(store.grid(FIT_SPLIT)))
@@ -126,8 +178,7 @@ def _kmeans_sample(store: FeatureStore, seed: int) -> np.ndarray:
     chosen = np.sort(rng.choice(crops, size=n_crops, replace=False))
     rows = []
     for s in range(0, len(chosen), PROBE_BLOCK):
-        idx = chosen[s:s + PROBE_BLOCK]
-        f = g["feats"].get_orthogonal_selection((idx, slice(None), slice(None)))
+        f = source.read(chosen[s:s + PROBE_BLOCK])
         rows.append(normalise(f.reshape(-1, f.shape[-1])))
     x = np.concatenate(rows)
     if len(x) > KMEANS_MAX_ROWS:
@@ -147,25 +198,29 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 
 
-def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device):
-    """LinearProbe trained on frozen training features and labels (Adam, seeded order).
+def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
+                     source: CodeSource | None = None):
+    """LinearProbe trained on training-split code and labels (Adam, seeded order).
 
-    PROBE_EPOCHS epochs, or more when needed to reach PROBE_MIN_STEPS optimiser steps.
+    `source` defaults to the frozen features. PROBE_EPOCHS epochs of PROBE_BATCH crops at
+    PROBE_LR: the optimiser, batch size and epoch count of the presets' training.
     """
     from pipeline.model import LinearProbe
 
+    source = source or frozen_source(store)
     g = store.split(FIT_SPLIT)
     if "labels" not in g:
-        raise ValueError(f"{store.path}/{FIT_SPLIT} has no labels; the frozen baseline's linear "
-                         "probe needs a labelled training split")
-    code_fn = _frozen_code_fn(store, FIT_SPLIT, device)
+        raise ValueError(f"{store.path}/{FIT_SPLIT} has no labels; a fitted linear probe needs a "
+                         "labelled training split")
+    code_fn = _frozen_code_fn(store, FIT_SPLIT, device)  # (n, h*w, D) rows -> (n, D, h, w)
     gen = torch.Generator().manual_seed(int(seed))
     probe = LinearProbe(store.embed_dim, store.num_classes, gen).to(device)
     opt = torch.optim.Adam(probe.parameters(), lr=PROBE_LR)
     crops = _valid_rows(g, store.n(FIT_SPLIT))
     blocks = [crops[s:s + PROBE_BLOCK] for s in range(0, len(crops), PROBE_BLOCK)]
-    feats_arr, labels_arr = g["feats"], g["labels"]
-    row_bytes = (int(np.prod(feats_arr.shape[1:])) + int(np.prod(labels_arr.shape[1:]))) * 2
+    labels_arr = g["labels"]
+    hw = int(np.prod(store.grid(FIT_SPLIT)))
+    row_bytes = hw * store.embed_dim * source.itemsize + int(np.prod(labels_arr.shape[1:])) * 2
     cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
         {} if len(crops) * row_bytes <= PROBE_CACHE_MB << 20 else None)  # small splits: read once
 
@@ -173,16 +228,15 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device):
         if cache is not None and bi in cache:
             return cache[bi]
         sel = (blocks[bi], slice(None), slice(None))
-        data = feats_arr.get_orthogonal_selection(sel), labels_arr.get_orthogonal_selection(sel)
+        data = source.read(blocks[bi]), labels_arr.get_orthogonal_selection(sel)
         if cache is not None:
             cache[bi] = data
         return data
 
     rng = np.random.default_rng([seed, 2])
-    per_epoch = sum(-(-len(b) // PROBE_BATCH) for b in blocks)
-    epochs = max(PROBE_EPOCHS, -(-PROBE_MIN_STEPS // max(per_epoch, 1)))
-    steps = epochs * per_epoch
-    with torch.enable_grad(), tqdm(total=steps, desc="frozen linear probe", unit="step",
+    epochs = PROBE_EPOCHS
+    steps = epochs * sum(-(-len(b) // PROBE_BATCH) for b in blocks)
+    with torch.enable_grad(), tqdm(total=steps, desc=f"linear probe on {source.name}", unit="step",
                                    dynamic_ncols=True) as bar:
         for _ in range(epochs):
             for bi in rng.permutation(len(blocks)):
@@ -204,23 +258,32 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device):
     return probe
 
 
-def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
+    """(linear, cluster, info): seeded spherical k-means (K = classes) and a linear probe,
+    both fitted on `source`'s training-split code; the same path for every fitted model."""
     from pipeline.model import ClusterProbe
 
     dev = torch.device(cfg.device)
     k = store.num_classes
-    with timed("frozen baseline: spherical k-means on training features", log):
-        x = _kmeans_sample(store, cfg.seed)
+    with timed(f"spherical k-means on {source.name}", log):
+        x = _kmeans_sample(store, cfg.seed, source)
         centroids = fit_kmeans(x, k, cfg.seed)
     cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
     with torch.no_grad():
         cluster.centroids.copy_(torch.from_numpy(centroids))
     cluster = cluster.to(dev).eval().requires_grad_(False)
-    with timed("frozen baseline: linear probe on training features", log):
-        linear = fit_linear_probe(store, cfg.seed, dev)
-    info = {"kmeans_rows": int(len(x)), "kmeans_niter": KMEANS_NITER, "probe_epochs": linear.epochs,
-            "probe_steps": linear.steps, "probe_lr": PROBE_LR, "probe_batch": PROBE_BATCH}
-    return Probes("frozen", "feats", _frozen_code_fn(store, EVAL_SPLIT, dev), linear, cluster, info)
+    with timed(f"linear probe on {source.name}", log):
+        linear = fit_linear_probe(store, cfg.seed, dev, source)
+    info = {"fit_code": source.name, "kmeans_rows": int(len(x)), "kmeans_niter": KMEANS_NITER,
+            "probe_epochs": linear.epochs, "probe_steps": linear.steps, "probe_lr": PROBE_LR,
+            "probe_batch": PROBE_BATCH}
+    return linear, cluster, info
+
+
+def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+    linear, cluster, info = _fit_probes(cfg, store, frozen_source(store))
+    code = _frozen_code_fn(store, EVAL_SPLIT, torch.device(cfg.device))
+    return Probes("frozen", "feats", code, linear, cluster, info)
 
 
 # --------------------------------------------------------------------------- evaluation pass
@@ -435,7 +498,8 @@ def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
 
 
 def run(cfg: C.EvalConfig) -> dict[str, Any]:
-    """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`."""
+    """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`
+    (`<name>-refit/` for a trained run with `probes="refit"`)."""
     t0 = time.perf_counter()
     if cfg.baseline == "none" and not cfg.trained:
         raise ValueError("give --trained NAME (a run under out/train/) or --baseline frozen")
@@ -444,10 +508,12 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
         raise ValueError(f"{store.path} was cached without labels; evaluation needs a labelled dataset")
     probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
     name = probes.name
+    fitted = cfg.baseline == "frozen" or cfg.probes == "refit"
     dest = Path(cfg.out) / "eval" / name
-    log.info("eval %s: %d val images, K=%d classes, C=%d clusters, crf=%s, device=%s, seed=%d, code %s",
-             name, store.n(EVAL_SPLIT), store.num_classes, probes.cluster.n_clusters, cfg.crf,
-             cfg.device, cfg.seed, code_version())
+    log.info("eval %s: %s probes, %d val images, K=%d classes, C=%d clusters, crf=%s, device=%s, "
+             "seed=%d, code %s", name, "fitted" if fitted else "trained", store.n(EVAL_SPLIT),
+             store.num_classes, probes.cluster.n_clusters, cfg.crf, cfg.device, cfg.seed,
+             code_version())
     with timed(f"eval {name}: val pass", log):
         res = evaluate_split(cfg, store, probes)
     confs = res["confusion"]
@@ -455,6 +521,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     report = {
         "name": name,
         "baseline": cfg.baseline,
+        "probes": "refit" if fitted else "trained",
         "split": EVAL_SPLIT,
         "n_images": res["n_images"],
         "num_classes": store.num_classes,
@@ -469,7 +536,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     }
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
-    if cfg.baseline == "frozen":  # keep the fitted baseline probes for inspection and reuse
+    if fitted:  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()
         torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
                     "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},

@@ -86,11 +86,16 @@ def make_store(out: Path, seed: int = 0, labelled: bool = True) -> dict:
     return info_out
 
 
+QUICK_EPOCHS, QUICK_BATCH = 10, 8  # 50 probe steps on the 40 training crops
+
+
 @pytest.fixture(scope="module", autouse=True)
 def quick_probe():
-    """Fewer optimiser steps for the baseline's linear probe on this tiny store."""
+    """Enough optimiser steps for the fitted linear probe to converge on this tiny store
+    (the defaults, 5 epochs of 64 crops, would be a single step per epoch here)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "PROBE_MIN_STEPS", 150)
+        mp.setattr(evaluate, "PROBE_EPOCHS", QUICK_EPOCHS)
+        mp.setattr(evaluate, "PROBE_BATCH", QUICK_BATCH)
         yield
 
 
@@ -152,13 +157,18 @@ def test_frozen_baseline_is_reproducible_and_worker_independent(store_dir, froze
 
 
 def _checkpoint(path: Path, store: FeatureStore, centroids: torch.Tensor, linear_state: dict,
-                fingerprint: str | None = None) -> None:
-    """A ppap-train/1 checkpoint whose branch is at initialisation (code == frozen features)."""
+                fingerprint: str | None = None, negate_code: bool = False) -> None:
+    """A ppap-train/1 checkpoint whose branch is at initialisation (code == frozen features),
+    or, with `negate_code`, whose norm is negated (code == -frozen features)."""
     from pipeline.model import CKPT_FORMAT, build_model
 
     backbone, _ = _backbone()
     manifest = dict(store.manifest)
     branch, linear, cluster = build_model(manifest, backbone, n_clusters=len(centroids), seed=5)
+    if negate_code:
+        with torch.no_grad():
+            branch.norm.weight.neg_()
+            branch.norm.bias.neg_()
     linear.load_state_dict(linear_state)
     with torch.no_grad():
         cluster.centroids.copy_(centroids)
@@ -214,6 +224,80 @@ def test_extra_clusters_stay_unmatched(store_dir, frozen_probes):
     conf = np.load(out / "eval" / "extra" / "confusion.npz")["cluster_no_crf"]
     assert conf.shape == (K, K + 2) and conf[:, K:].sum() == 0
     assert rep["no_crf"] == base["no_crf"]
+
+
+def _random_probes(store: FeatureStore, seed: int) -> tuple[torch.Tensor, dict]:
+    from pipeline.model import LinearProbe
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(K, store.embed_dim, generator=gen), LinearProbe(store.embed_dim, K, gen).state_dict()
+
+
+def test_fitted_probe_uses_training_settings(frozen_report):
+    info = frozen_report["model"]
+    assert frozen_report["probes"] == "refit"  # the baseline always fits its probes
+    assert info["probe_epochs"] == QUICK_EPOCHS and info["probe_batch"] == QUICK_BATCH
+    assert info["probe_steps"] == QUICK_EPOCHS * -(-N_TRAIN // QUICK_BATCH)  # no step floor
+    assert info["probe_lr"] == 1e-3 and info["fit_code"] == "frozen features"
+    assert not hasattr(evaluate, "PROBE_MIN_STEPS")
+
+
+def test_refit_at_init_matches_frozen_baseline(store_dir, frozen_report, frozen_probes):
+    """Branch at initialisation with useless trained probes: --probes refit refits them on the
+    branch's training code (== the frozen features up to float16) exactly like the baseline."""
+    out, _ = store_dir
+    store, base_c, base_lin = frozen_probes
+    c, lin = _random_probes(store, 11)
+    _checkpoint(out / "train" / "fresh" / "last.pt", store, c, lin)
+    as_trained = evaluate.run(EvalConfig(out=str(out), trained="fresh", crf=False, n_show=0))
+    rep = evaluate.run(EvalConfig(out=str(out), trained="fresh", probes="refit", crf=False, n_show=1))
+    assert as_trained["probes"] == "trained" and as_trained["name"] == "fresh"
+    assert as_trained["no_crf"]["linear_acc"] < 80  # the random linear probe is poor
+    assert rep["name"] == "fresh-refit" and rep["probes"] == "refit"
+    assert rep["model"]["checkpoint"].endswith("fresh/last.pt")
+    assert rep["model"]["fit_code"] == "fresh branch code"
+    for key in ("kmeans_rows", "probe_epochs", "probe_steps", "probe_lr", "probe_batch"):
+        assert rep["model"][key] == frozen_report["model"][key], key
+    for key in ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou"):
+        assert rep["no_crf"][key] == pytest.approx(frozen_report["no_crf"][key], abs=0.5), key
+    dest = out / "eval" / "fresh-refit"
+    on_disk = json.loads((dest / "metrics.json").read_text())
+    assert on_disk["probes"] == "refit" and on_disk["no_crf"] == rep["no_crf"]
+    assert json.loads((dest / "config.json").read_text())["probes"] == "refit"
+    assert json.loads((out / "eval" / "fresh" / "metrics.json").read_text())["probes"] == "trained"
+    # the fitted probes themselves agree with the baseline's (same seeds, same data order)
+    saved = torch.load(dest / "probes.pt", weights_only=True)
+    torch.testing.assert_close(saved["centroids"], base_c, atol=2e-3, rtol=0)
+    for k_, v in base_lin.items():
+        torch.testing.assert_close(saved["linear_probe"][k_], v, atol=2e-3, rtol=0)
+
+
+def test_refit_reads_code_from_the_branch(store_dir, frozen_report, frozen_probes):
+    """A branch whose code is -frozen features: k-means is sign-symmetric, so the refitted
+    centroids are the baseline's negated (they would match it if code came from the backbone)."""
+    out, _ = store_dir
+    store, base_c, _ = frozen_probes
+    c, lin = _random_probes(store, 12)
+    _checkpoint(out / "train" / "neg" / "last.pt", store, c, lin, negate_code=True)
+    rep = evaluate.run(EvalConfig(out=str(out), trained="neg", probes="refit", crf=False, n_show=0))
+    saved = torch.load(out / "eval" / "neg-refit" / "probes.pt", weights_only=True)
+    torch.testing.assert_close(saved["centroids"], -base_c, atol=2e-3, rtol=0)
+    for key in ("cluster_acc", "cluster_miou"):
+        assert rep["no_crf"][key] == pytest.approx(frozen_report["no_crf"][key], abs=0.5), key
+    assert rep["no_crf"]["linear_acc"] > 95  # its own seeded init: close, not sign-symmetric
+
+
+def test_probes_option_is_validated(store_dir):
+    from typer.testing import CliRunner
+
+    from pipeline import cli
+
+    with pytest.raises(ValueError, match="probes='bogus'.*'refit'"):
+        EvalConfig(probes="bogus")
+    out, _ = store_dir
+    res = CliRunner().invoke(cli.app, ["eval", "--out", str(out), "--trained", "init", "--probes", "bogus"])
+    assert isinstance(res.exception, ValueError) and "probes='bogus'" in str(res.exception)
+    assert "refit" in CliRunner().invoke(cli.app, ["eval", "--help"]).output
 
 
 def test_refuses_bad_inputs(store_dir, tmp_path):

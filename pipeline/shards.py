@@ -1,0 +1,430 @@
+"""Mined-set shards on disk: one file per (epoch, batch), exact recovery of the mined sets.
+
+Layout under a mined-set directory `<out>/mine/<name>/`:
+
+    shards/e{epoch:03d}/b{batch:05d}.npz    the shard (written to a temp name, then os.replace)
+    shards/e{epoch:03d}/b{batch:05d}.done   JSON stats, written LAST by write_shard
+
+A shard is complete only when its `.done` marker exists; iter_shards lists only those.
+
+What a shard stores (always: images, anchors, proxy (M, D) float32, phi/psi (M,) float64):
+  threshold mode (ppap, p0)  + the "band": every (anchor, j) whose mined similarity lies within
+      `band` (1e-4) of Φ_T or Ψ_T, with the class the miner gave it. Recovery recomputes
+      s = proxy · F (float32 or float64) and classifies by the thresholds, except band pairs,
+      which take the stored class: exact, since arithmetic differences (~1e-7) ≪ band.
+      Size does not depend on the size of the ambiguous zone (~1.2 KB per anchor at D = 384,
+      nearly all of it the float32 proxy).
+  explicit mode (hp)         positive CSR, delta-encoded and compressed.
+  clusters mode (kmeans)     the cluster of every row of F (sets = same cluster minus self).
+Integer arrays are stored as byte planes + zlib (small deltas compress to about a byte).
+
+API
+---
+shard_path(mine_dir, epoch, batch) -> Path;  done_path(path) -> Path;  is_done(path) -> bool
+needs_sets(criterion) -> bool: pass keep_sets=needs_sets(criterion) to mine_batch in the stage
+write_shard(path, mined, epoch, batch, images, criterion, meta=None) -> dict (marker stats)
+read_shard(path) -> Shard
+recover_sets(shard, F, dtype=np.float32, mem_budget_mb=256) -> SetsCSR (exact)
+iter_shards(mine_dir, epoch) -> list[Path] (completed shards, batch order);  n_epochs(mine_dir)
+export_batch(F, source, patch_labels=None, image_index=None) -> dict of arrays (issue format)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline.mining import (AMB, POS, MinedBatch, SetsCSR, _same_cluster_sets, block_rows,
+                             f32_ceil, f32_floor)
+from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
+
+log = logging.getLogger("ppap.shards")
+
+SHARD_FORMAT = 1
+MODES = {"ppap": "threshold", "p0": "threshold", "hp": "explicit", "kmeans": "clusters"}
+_BATCH_RE = re.compile(r"^b(\d{5,})\.npz$")
+_EPOCH_RE = re.compile(r"^e(\d{3,})$")
+
+
+# ----------------------------------------------------------------------------------------
+# paths
+# ----------------------------------------------------------------------------------------
+
+
+def needs_sets(criterion: str) -> bool:
+    """Whether write_shard needs the mined sets (mine_batch(..., keep_sets=needs_sets(c)))."""
+    if criterion not in MODES:
+        raise ValueError(f"criterion={criterion!r}: choose one of {', '.join(MODES)}")
+    return MODES[criterion] == "explicit"
+
+
+def shard_path(mine_dir: str | Path, epoch: int, batch: int) -> Path:
+    return Path(mine_dir) / "shards" / f"e{int(epoch):03d}" / f"b{int(batch):05d}.npz"
+
+
+def done_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".done")
+
+
+def is_done(path: str | Path) -> bool:
+    return done_path(path).exists() and Path(path).exists()
+
+
+def iter_shards(mine_dir: str | Path, epoch: int) -> list[Path]:
+    """Completed shards (marker present) of one epoch, in batch order."""
+    d = Path(mine_dir) / "shards" / f"e{int(epoch):03d}"
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _BATCH_RE.match(p.name)
+        if m and is_done(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def n_epochs(mine_dir: str | Path) -> int:
+    """Number of consecutive epochs e000, e001, ... holding at least one completed shard."""
+    root = Path(mine_dir) / "shards"
+    have = set()
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _EPOCH_RE.match(p.name)
+            if m and p.is_dir():
+                have.add(int(m.group(1)))
+    n = 0
+    while n in have and iter_shards(mine_dir, n):
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------
+# compact encodings
+# ----------------------------------------------------------------------------------------
+
+
+def pack_uints(x: np.ndarray, level: int = 6) -> np.ndarray:
+    """Non-negative integers -> uint8 blob: 16-byte header (width, n), zlib of byte planes."""
+    x = np.asarray(x).ravel()
+    if x.size and int(x.min()) < 0:
+        raise ValueError("pack_uints takes non-negative integers only")
+    top = int(x.max()) if x.size else 0
+    width = 1 if top < 2**8 else 2 if top < 2**16 else 4 if top < 2**32 else 8
+    planes = np.ascontiguousarray(x.astype(f"<u{width}").view(np.uint8).reshape(-1, width).T)
+    head = np.array([width, x.size], dtype="<u8").tobytes()
+    return np.frombuffer(head + zlib.compress(planes.tobytes(), level), dtype=np.uint8)
+
+
+def unpack_uints(blob: np.ndarray) -> np.ndarray:
+    raw = np.asarray(blob, dtype=np.uint8).tobytes()
+    width, n = (int(v) for v in np.frombuffer(raw[:16], dtype="<u8"))
+    planes = np.frombuffer(zlib.decompress(raw[16:]), dtype=np.uint8).reshape(width, n)
+    return np.ascontiguousarray(planes.T).view(f"<u{width}").ravel().astype(np.int64)
+
+
+def pack_float32(x: np.ndarray, level: int = 1) -> np.ndarray:
+    """float32 array -> uint8 blob (byte-shuffled + zlib; lossless)."""
+    x = np.ascontiguousarray(x, dtype="<f4")
+    planes = np.ascontiguousarray(x.view(np.uint8).reshape(-1, 4).T)
+    head = np.array([x.ndim, *x.shape], dtype="<u8").tobytes()
+    return np.frombuffer(head + zlib.compress(planes.tobytes(), level), dtype=np.uint8)
+
+
+def unpack_float32(blob: np.ndarray) -> np.ndarray:
+    raw = np.asarray(blob, dtype=np.uint8).tobytes()
+    ndim = int(np.frombuffer(raw[:8], dtype="<u8")[0])
+    shape = tuple(int(v) for v in np.frombuffer(raw[8:8 + 8 * ndim], dtype="<u8"))
+    planes = np.frombuffer(zlib.decompress(raw[8 + 8 * ndim:]), dtype=np.uint8).reshape(4, -1)
+    return np.ascontiguousarray(planes.T).view("<f4").reshape(shape).astype(np.float32)
+
+
+def _csr_deltas(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Sorted columns per row -> first column, then gaps (all >= 0)."""
+    d = np.asarray(indices, dtype=np.int64).copy()
+    if d.size:
+        d[1:] -= indices[:-1]
+        starts = indptr[:-1][np.diff(indptr) > 0]
+        d[starts] = indices[starts]
+    return d
+
+
+def _csr_undeltas(indptr: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    if not deltas.size:
+        return deltas.astype(np.int64)
+    c = np.cumsum(deltas)
+    counts = np.diff(indptr)
+    base = np.where(indptr[:-1] > 0, c[np.maximum(indptr[:-1] - 1, 0)], 0)
+    return c - np.repeat(base, counts)
+
+
+def _pack_csr(prefix: str, indptr: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {f"{prefix}_counts": pack_uints(np.diff(indptr)),
+            f"{prefix}_deltas": pack_uints(_csr_deltas(indptr, indices))}
+
+
+def _unpack_csr(z: Mapping[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    counts = unpack_uints(z[f"{prefix}_counts"])
+    indptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, _csr_undeltas(indptr, unpack_uints(z[f"{prefix}_deltas"]))
+
+
+# ----------------------------------------------------------------------------------------
+# write / read
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """One mined batch as stored. Sets: recover_sets(shard, F)."""
+
+    path: Path
+    epoch: int
+    batch: int
+    criterion: str
+    mode: str  # threshold | explicit | clusters
+    n_rows: int  # N = rows of F (B * h * w)
+    dim: int
+    images: np.ndarray  # (B,) int64 crop indices into the train split
+    anchors: np.ndarray  # (M,) int64 rows of F
+    proxy: np.ndarray  # (M, D) float32
+    phi: np.ndarray  # (M,) float64
+    psi: np.ndarray  # (M,) float64
+    band: float
+    has_amb: bool
+    band_indptr: np.ndarray | None = None
+    band_indices: np.ndarray | None = None
+    band_class: np.ndarray | None = None
+    pos_indptr: np.ndarray | None = None  # explicit mode
+    pos_indices: np.ndarray | None = None
+    cluster_of: np.ndarray | None = None  # clusters mode
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def write_shard(
+    path: str | Path,
+    mined: MinedBatch,
+    epoch: int,
+    batch: int,
+    images: np.ndarray,
+    criterion: str,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one shard atomically, then its `.done` marker (last). Returns the marker stats.
+
+    `images` are the batch's crop indices in F's row order; `meta` (JSON-able) is kept as is.
+    A marker left by an earlier write is removed first, so a crash never pairs it with new data.
+    """
+    path = Path(path)
+    if criterion != mined.criterion:
+        raise ValueError(f"criterion={criterion!r} but the batch was mined with "
+                         f"{mined.criterion!r}; pass the criterion used for mining")
+    if criterion not in MODES:
+        raise ValueError(f"criterion={criterion!r}: choose one of {', '.join(MODES)}")
+    images = np.asarray(images, dtype=np.int64).ravel()
+    if images.size == 0 or mined.n_rows % images.size:
+        raise ValueError(f"{images.size} images cannot make up the batch's {mined.n_rows} rows; "
+                         "pass the batch's crop indices in row order")
+    mode = MODES[criterion]
+    M, D = mined.proxy.shape
+    head = dict(format=SHARD_FORMAT, epoch=int(epoch), batch=int(batch), criterion=criterion,
+                mode=mode, n_rows=int(mined.n_rows), dim=int(D), band=float(mined.band),
+                has_amb=criterion == "ppap", meta=dict(meta or {}))
+    arrays: dict[str, np.ndarray] = {
+        "images": images,
+        "anchors": pack_uints(mined.anchors),
+        "proxy": pack_float32(mined.proxy),
+        "phi": np.asarray(mined.phi, dtype="<f8"),
+        "psi": np.asarray(mined.psi, dtype="<f8"),
+    }
+    if mode == "threshold":
+        if mined.band_indptr is None:
+            raise ValueError("this MinedBatch has no band pairs; mine it with mine_batch")
+        arrays.update(_pack_csr("band", mined.band_indptr, mined.band_indices))
+        arrays["band_class"] = pack_uints(mined.band_class.astype(np.uint8))
+    elif mode == "explicit":
+        if not mined.has_sets:
+            raise ValueError(f"criterion {criterion!r} is stored as explicit sets; "
+                             "mine it with keep_sets=True")
+        arrays.update(_pack_csr("pos", mined.pos_indptr, mined.pos_indices))
+    else:
+        arrays["cluster_of"] = pack_uints(mined.cluster_of)
+    arrays["header"] = np.frombuffer(json.dumps(head, sort_keys=True, default=str).encode(),
+                                     dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+
+    marker = done_path(path)
+    if marker.exists():
+        marker.unlink()
+    atomic_write_bytes(path, data)
+    stats = dict(
+        epoch=int(epoch), batch=int(batch), criterion=criterion, n_anchors=int(M),
+        n_rows=int(mined.n_rows), bytes=len(data), bytes_per_anchor=len(data) / max(M, 1),
+        mean_pos=float(mined.n_pos.mean()), mean_amb=float(mined.n_amb.mean()),
+        mean_neg=float(mined.n_neg.mean()), anchors_without_positive=int((mined.n_pos == 0).sum()),
+        flops=int(mined.flops),
+    )
+    atomic_write_json(marker, stats)
+    return stats
+
+
+def read_shard(path: str | Path) -> Shard:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            z = {k: z[k] for k in z.files}
+        head = json.loads(z["header"].tobytes().decode())
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable mining shard ({exc}); delete it and its "
+                         ".done marker, then rerun `ppap-pipe mine` to redo that batch") from None
+    if head.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{path} has shard format {head.get('format')!r}, this code reads "
+                         f"{SHARD_FORMAT}; mine again into a new --name")
+    sh = Shard(
+        path=path, epoch=head["epoch"], batch=head["batch"], criterion=head["criterion"],
+        mode=head["mode"], n_rows=head["n_rows"], dim=head["dim"], images=z["images"].astype(np.int64),
+        anchors=unpack_uints(z["anchors"]), proxy=unpack_float32(z["proxy"]),
+        phi=z["phi"].astype(np.float64), psi=z["psi"].astype(np.float64), band=head["band"],
+        has_amb=head["has_amb"], meta=head.get("meta", {}),
+    )
+    if sh.mode == "threshold":
+        sh.band_indptr, sh.band_indices = _unpack_csr(z, "band")
+        sh.band_class = unpack_uints(z["band_class"]).astype(np.int8)
+    elif sh.mode == "explicit":
+        sh.pos_indptr, sh.pos_indices = _unpack_csr(z, "pos")
+    else:
+        sh.cluster_of = unpack_uints(z["cluster_of"])
+    return sh
+
+
+# ----------------------------------------------------------------------------------------
+# recovery and export
+# ----------------------------------------------------------------------------------------
+
+
+def recover_sets(shard: Shard, F: np.ndarray, dtype=np.float32, mem_budget_mb: float = 256) -> SetsCSR:
+    """The sets the miner decided, from a shard and the batch's F (exact).
+
+    dtype: arithmetic of the recomputed similarities (float32 or float64; both exact).
+    """
+    if not isinstance(F, np.ndarray) or F.shape != (shard.n_rows, shard.dim) or F.dtype != np.float32:
+        raise ValueError(
+            f"F must be the batch's float32 features of shape ({shard.n_rows}, {shard.dim}), got "
+            f"{getattr(F, 'dtype', type(F))} {getattr(F, 'shape', '')}; build it with "
+            "FeatureStore.mining_features(shard.images)"
+        )
+    M = len(shard.anchors)
+    empty = (np.zeros(M + 1, np.int64), np.zeros(0, np.int64))
+    if shard.mode == "explicit":
+        return SetsCSR(shard.pos_indptr, shard.pos_indices, *empty)
+    if shard.mode == "clusters":
+        counts, cols = _same_cluster_sets(shard.cluster_of, shard.anchors, keep_sets=True)
+        indptr = np.zeros(M + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return SetsCSR(indptr, cols, *empty)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype={dtype} must be float32 or float64")
+    N = shard.n_rows
+    Fx = F if dtype == np.float32 else F.astype(np.float64)
+    step = block_rows(N, M, dtype.itemsize + 3 + 16, mem_budget_mb)
+    pos_counts, pos_cols, amb_counts, amb_cols = [], [], [], []
+    for i in range(0, M, step):
+        j = min(M, i + step)
+        m = j - i
+        S = shard.proxy[i:j].astype(dtype) @ Fx.T
+        if dtype == np.float32:
+            pos = S > f32_floor(shard.phi[i:j])[:, None]
+            amb = (S >= f32_ceil(shard.psi[i:j])[:, None]) & ~pos if shard.has_amb else None
+        else:
+            pos = S > shard.phi[i:j, None]
+            amb = (S >= shard.psi[i:j, None]) & ~pos if shard.has_amb else None
+        del S
+        # band pairs take the miner's class
+        lo, hi = shard.band_indptr[i], shard.band_indptr[j]
+        r = np.repeat(np.arange(m), np.diff(shard.band_indptr[i:j + 1]))
+        c = shard.band_indices[lo:hi]
+        k = shard.band_class[lo:hi]
+        pos[r, c] = k == POS
+        rows = np.arange(m)
+        pos[rows, shard.anchors[i:j]] = False
+        if amb is not None:
+            amb[r, c] = k == AMB
+            amb[rows, shard.anchors[i:j]] = False
+        for mask, counts, cols in ((pos, pos_counts, pos_cols), (amb, amb_counts, amb_cols)):
+            if mask is None:
+                counts.append(np.zeros(m, np.int64))
+                continue
+            counts.append(np.count_nonzero(mask, axis=1))
+            cols.append(np.nonzero(mask)[1])
+    out = []
+    for counts, cols in ((pos_counts, pos_cols), (amb_counts, amb_cols)):
+        cnt = np.concatenate(counts)
+        indptr = np.zeros(M + 1, np.int64)
+        np.cumsum(cnt, out=indptr[1:])
+        out += [indptr, np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)]
+    return SetsCSR(*out)
+
+
+def export_batch(
+    F: np.ndarray,
+    source: Shard | MinedBatch,
+    patch_labels: np.ndarray | None = None,
+    image_index: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The export dict of one mined batch (features exactly as mined, sets, proxies, thresholds).
+
+    patch_labels: (N,) or per crop (B, h, w) / (B, h*w) ints, -1 = ignore.
+    image_index: (N,) per row, or (B,) per crop (expanded to rows); defaults to the shard's
+    crop indices (`images`) for a Shard.
+    """
+    if isinstance(source, Shard):
+        sets = recover_sets(source, F)
+        images = source.images
+    elif isinstance(source, MinedBatch):
+        sets = source.sets()
+        images = None
+        if F.shape[0] != source.n_rows:
+            raise ValueError(f"F has {F.shape[0]} rows, the batch was mined over {source.n_rows}")
+    else:
+        raise ValueError(f"source must be a Shard or a MinedBatch, got {type(source).__name__}")
+    N = F.shape[0]
+    out = dict(
+        features=np.ascontiguousarray(F, dtype=np.float32), anchors=source.anchors.astype(np.int64),
+        pos_indptr=sets.pos_indptr, pos_indices=sets.pos_indices,
+        amb_indptr=sets.amb_indptr, amb_indices=sets.amb_indices,
+        proxy=source.proxy.astype(np.float32), phi=source.phi.astype(np.float64),
+        psi=source.psi.astype(np.float64),
+    )
+    if patch_labels is not None:
+        pl = np.asarray(patch_labels).reshape(-1)
+        if pl.size != N or not np.issubdtype(pl.dtype, np.integer):
+            raise ValueError(f"patch_labels must hold {N} integer labels (one per row of F), "
+                             f"got {pl.dtype} of size {pl.size}")
+        out["patch_label"] = pl.astype(np.int64)
+    if image_index is None and images is not None:
+        image_index = images
+    if image_index is not None:
+        ix = np.asarray(image_index).reshape(-1).astype(np.int64)
+        if ix.size != N:
+            if ix.size == 0 or N % ix.size:
+                raise ValueError(f"image_index must have {N} entries (per row) or one per crop; "
+                                 f"got {ix.size}")
+            ix = np.repeat(ix, N // ix.size)
+        out["image_index"] = ix
+    return out
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The stats written with a shard's `.done` marker."""
+    return read_json(done_path(path))
