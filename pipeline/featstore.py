@@ -34,6 +34,17 @@ def normalise(feats: np.ndarray) -> np.ndarray:
     return f / np.maximum(norm, np.float32(1e-12))
 
 
+def take_rows(arr, crops: np.ndarray) -> np.ndarray:
+    """arr[crops] for a zarr array and distinct crop indices in any order (read sorted)."""
+    crops = np.asarray(crops, dtype=np.int64)
+    order = np.argsort(crops, kind="stable")
+    sel = (crops[order],) + (slice(None),) * (len(arr.shape) - 1)
+    data = arr.get_orthogonal_selection(sel)
+    out = np.empty_like(data)
+    out[order] = data
+    return out
+
+
 class FeatureStore:
     """Read access to a finished (or partly written) feature cache."""
 
@@ -97,12 +108,8 @@ class FeatureStore:
 
     def mining_features(self, crops: np.ndarray) -> np.ndarray:
         """F for a batch: normalised frozen features of `crops`, rows b*h*w + y*w + x."""
-        crops = np.asarray(crops, dtype=np.int64)
-        order = np.argsort(crops, kind="stable")
-        feats = self.split("train")["feats"].get_orthogonal_selection((crops[order], slice(None), slice(None)))
-        out = np.empty_like(feats)
-        out[order] = feats
-        return normalise(out.reshape(-1, out.shape[-1]))
+        feats = take_rows(self.split("train")["feats"], crops)
+        return normalise(feats.reshape(-1, feats.shape[-1]))
 
 
 def create_split(

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import batching, mining, shards
 from pipeline import config as C
 from pipeline.executor import run_units
-from pipeline.featstore import FeatureStore, normalise
+from pipeline.featstore import FeatureStore, normalise, take_rows
 from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, read_json
 
 log = logging.getLogger("ppap.mine")
@@ -243,11 +243,7 @@ def export(out: str | Path, mined: str, epoch: int, batch: int, to: str | Path) 
     store, shard, F = load_batch(out, mined, epoch, batch)
     labels = None
     if store.has_labels:
-        pl = store.split("train")["patch_labels"]
-        order = np.argsort(shard.images, kind="stable")
-        block = pl.get_orthogonal_selection((shard.images[order], slice(None), slice(None)))
-        labels = np.empty_like(block)
-        labels[order] = block
+        labels = take_rows(store.split("train")["patch_labels"], shard.images)
     data = shards.export_batch(F, shard, patch_labels=labels, image_index=shard.images)
     buf = io.BytesIO()
     np.savez(buf, **data)

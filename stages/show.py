@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from pipeline import config as C
+from pipeline.featstore import take_rows
+from pipeline.viz import colourise, palette
 from pipeline.audit import subset_shard
 
 log = logging.getLogger("ppap.show")
@@ -142,37 +144,6 @@ def render_anchor(
     return path
 
 
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 class colours: tab20, tab20b, tab20c, then seeded extras (as eval's)."""
-    from matplotlib import colormaps
-
-    cols = np.concatenate([colormaps[name](np.arange(20))[:, :3] for name in ("tab20", "tab20b", "tab20c")])
-    cols = (cols * 255).round().astype(np.uint8)
-    if n > len(cols):
-        extra = np.random.default_rng(0).integers(0, 256, (n - len(cols), 3), dtype=np.uint8)
-        cols = np.concatenate([cols, extra])
-    return cols[:n]
-
-
-def colourise(labels: np.ndarray, pal: np.ndarray) -> np.ndarray:
-    """Class ids -> RGB, ignore (< 0) black."""
-    lab = np.asarray(labels, dtype=np.int64)
-    out = np.zeros(lab.shape + (3,), np.uint8)
-    inside = (lab >= 0) & (lab < len(pal))
-    out[inside] = pal[lab[inside]]
-    return out
-
-
-def _take(arr, crops: np.ndarray) -> np.ndarray:
-    """arr[crops] for a zarr array with unsorted crop indices."""
-    order = np.argsort(crops, kind="stable")
-    sel = (crops[order],) + (slice(None),) * (len(arr.shape) - 1)
-    data = arr.get_orthogonal_selection(sel)
-    out = np.empty_like(data)
-    out[order] = data
-    return out
-
-
 def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
     bad = [a for a in cfg.anchors if not 0 <= a < m]
     if bad:
@@ -197,9 +168,9 @@ def run(cfg: C.ShowConfig) -> list[Path]:
     chosen = _choose_anchors(cfg, anchors.shape[0])
     sets = SH.recover_sets(subset_shard(shard, np.asarray(chosen, np.int64)), F)  # row i = chosen[i]
     g = store.split("train")
-    rgb = _take(g["rgb"], images)
-    labels = _take(g["labels"], images) if store.has_labels and "labels" in g else None
-    patch_label = _take(g["patch_labels"], images).reshape(-1) if labels is not None else None
+    rgb = take_rows(g["rgb"], images)
+    labels = take_rows(g["labels"], images) if store.has_labels and "labels" in g else None
+    patch_label = take_rows(g["patch_labels"], images).reshape(-1) if labels is not None else None
     names = store.class_names if labels is not None else None
     dest = Path(cfg.dest) if cfg.dest else out / "show" / cfg.mined
     grid = store.grid("train")

@@ -12,10 +12,9 @@ run killed after a checkpoint and rerun resumes to the same weights as an uninte
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ import torch
 
 from pipeline import config as C
 from pipeline.executor import StageInterrupted
-from pipeline.featstore import FeatureStore
+from pipeline.featstore import FeatureStore, take_rows
 from pipeline.loss import ppap_loss
 from pipeline.model import CKPT_FORMAT, build_model
-from pipeline.store import atomic_write_json, check_or_write_manifest, code_version, read_json
+from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version, read_json
 
 log = logging.getLogger("ppap.train")
 
@@ -46,13 +45,7 @@ _REPRO_MIN_COS = 0.9999
 
 def _gather(arr, crops: np.ndarray) -> np.ndarray:
     """Rows `crops` (any order, distinct) of a zarr array, in that order."""
-    crops = np.asarray(crops, dtype=np.int64)
-    order = np.argsort(crops, kind="stable")
-    sel = (crops[order],) + (slice(None),) * (arr.ndim - 1)
-    rows = arr.get_orthogonal_selection(sel)
-    out = np.empty_like(rows)
-    out[order] = rows
-    return out
+    return take_rows(arr, crops)
 
 
 @dataclass(frozen=True)
@@ -155,17 +148,9 @@ def check_reproduces_cache(branch, store: FeatureStore,
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
