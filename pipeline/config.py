@@ -270,7 +270,7 @@ class AuditConfig:
     batches: int = 4  # audit the first this-many batches of the plan (a sample)
     max_anchors: int | None = 2000  # per batch, a seeded sample of anchors (None = all)
     sweep: tuple[str, ...] = ()  # e.g. ("phi0=0.45:0.65:0.05", "psi0=0.1:0.3:0.05")
-    json: str | None = None  # also write the table as JSON here
+    json: str | None = None  # JSON output (default: out/audit/audit.json)
     plot: str | None = None  # Fig. 1b PNG path (default: out/audit/fig1b.png)
     seed: int = 0
     backend: str = "faiss"

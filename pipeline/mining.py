@@ -189,6 +189,14 @@ def _normalise_rows64(raw: np.ndarray, prev: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
+def _propagate(raw: np.ndarray, v64: np.ndarray, phi: np.ndarray, psi: np.ndarray,
+               p: MineParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step of §2 for a block: new proxy from the set sums, thresholds moved by d = 1 − v·v'."""
+    new = _normalise_rows64(raw, v64)
+    d = 1.0 - np.einsum("ij,ij->i", v64, new)
+    return new, phi - d / p.sigma_pos, psi + d / p.sigma_amb
+
+
 @dataclass
 class _Block:
     proxy: np.ndarray
@@ -292,12 +300,8 @@ class _DenseEngine:
             S.copy_(b1)  # the set as a 0/1 float mask, in the similarity buffer
             raw, f = self._mask_product(S, b1)
             flops += f
-            new = _normalise_rows64(raw, v64)
-            d = 1.0 - np.einsum("ij,ij->i", v64, new)
-            phi = phi - d / p.sigma_pos
-            psi = psi + d / p.sigma_amb
-            v64 = new
-            proxy32 = t.from_numpy(new.astype(np.float32)).to(self.dev)
+            v64, phi, psi = _propagate(raw, v64, phi, psi, p)
+            proxy32 = t.from_numpy(v64.astype(np.float32)).to(self.dev)
             self.sim(proxy32, S)
             flops += 2 * m * N * D
         rows = t.arange(m, device=self.dev)
@@ -435,12 +439,8 @@ class _FaissCpuEngine:
             raw, f = self._mask_product(rows[keep], lab[keep], m)
             del rows, lab, dist, keep
             flops += f
-            new = _normalise_rows64(raw, v64)
-            d = 1.0 - np.einsum("ij,ij->i", v64, new)
-            phi = phi - d / p.sigma_pos
-            psi = psi + d / p.sigma_amb
-            v64 = new
-            Q = new.astype(np.float32)
+            v64, phi, psi = _propagate(raw, v64, phi, psi, p)
+            Q = v64.astype(np.float32)
         has_amb = criterion == "ppap"
         if criterion == "hp":
             ca = c[a]

@@ -100,6 +100,16 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_npy(path: str) -> np.ndarray:
+    """Criterion state is read once per process, not once per batch (keyed by mtime)."""
+    return _load_npy_at(path, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_npy_at(path: str, mtime_ns: int) -> np.ndarray:
+    return np.load(path)
+
+
 def _rows(store: FeatureStore, crops: np.ndarray, patches: np.ndarray) -> np.ndarray:
     """Normalised frozen features of (crop, patch) pairs, in the given order."""
     feats = store.split("train")["feats"]
@@ -118,7 +128,7 @@ def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path) -> 
             imgs, patches = batching.sample_patches(cfg.seed, len(items), h * w, cfg.hp_pool_size,
                                                     tag=batching.TAG_HP_POOL)
             _save_npy(path, _rows(store, items[imgs], patches))
-        return {"hp_pool": np.load(path)}
+        return {"hp_pool": _load_npy(str(path))}
     if cfg.criterion == "kmeans":
         path = directory / "kmeans_centroids.npy"
         if not path.exists():
@@ -127,7 +137,7 @@ def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path) -> 
                                                     tag=batching.TAG_KMEANS)
             X = _rows(store, items[imgs], patches)
             _save_npy(path, mining.fit_kmeans(X, _kmeans_k(cfg, store), cfg.seed))
-        return {"centroids": np.load(path)}
+        return {"centroids": _load_npy(str(path))}
     return {}
 
 
