@@ -102,7 +102,7 @@ def mine(
     preset: Optional[str] = PRESET,
     config: Optional[str] = CONFIG,
     name: Optional[str] = typer.Option(None, help="Name of the mined sets (default: the criterion)."),
-    criterion: Optional[str] = typer.Option(None, help="ppap, p0, hp or kmeans."),
+    criterion: Optional[str] = typer.Option(None, help="ppap, p0, hp, kmeans, primaps or eigen."),
     phi0: Optional[float] = typer.Option(None, "--phi0", help="Initial positive threshold Φ0."),
     psi0: Optional[float] = typer.Option(None, "--psi0", help="Initial ambiguity threshold Ψ0."),
     prop_iters: Optional[int] = typer.Option(None, help="Propagation steps T."),
@@ -112,7 +112,12 @@ def mine(
     anchors_per_image: Optional[str] = typer.Option(None, help="Fraction of patches as anchors, e.g. 1/16, or 'all'."),
     epochs: Optional[int] = typer.Option(None, help="Batch plans to mine (one seeded permutation each)."),
     hp_pool_size: Optional[int] = typer.Option(None, help="HP criterion reference pool size R."),
-    kmeans_k: Optional[int] = typer.Option(None, help="k-means criterion clusters (default: classes)."),
+    kmeans_k: Optional[int] = typer.Option(None, help="Clusters of kmeans, class prototypes of primaps, clusters of eigen (default: classes)."),
+    primaps_psi: Optional[float] = typer.Option(None, "--primaps-psi", help="PriMaPs mask threshold: cosine to the mask seed > psi x max (default 0.4, as PriMaPs)."),
+    primaps_coverage: Optional[float] = typer.Option(None, "--primaps-coverage", help="PriMaPs stops once this fraction of a crop is covered (default 0.95, as PriMaPs); the rest is unassigned = ambiguous."),
+    eigen_dim: Optional[int] = typer.Option(None, "--eigen-dim", help="Eigenfunctions K of the eigen criterion (default: the cluster count)."),
+    eigen_steps: Optional[int] = typer.Option(None, "--eigen-steps", help="NeuralEF training steps of the eigen criterion (1500)."),
+    eigen_kernel_power: Optional[float] = typer.Option(None, "--eigen-kernel-power", help="Eigen kernel affinity max(0, cos)^p (1 = Deng et al.; DINOv2 presets: 4)."),
     backend: Optional[str] = typer.Option(None, help="faiss or torch."),
     mem_budget_mb: Optional[int] = typer.Option(None, help="Working memory for similarity blocks."),
     workers: Optional[int] = WORKERS,
@@ -120,13 +125,15 @@ def mine(
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
 ):
-    """Stage 2: mine PPAP (or P0/HP/k-means) sets on fixed seeded batches into shards."""
+    """Stage 2: mine PPAP (or P0/HP/k-means/PriMaPs/eigen) sets on fixed seeded batches into shards."""
     from stages import mine as stage
 
     cfg = _resolve(C.MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
                    phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
                    sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
-                   epochs=epochs, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k, backend=backend,
+                   epochs=epochs, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k,
+                   primaps_psi=primaps_psi, primaps_coverage=primaps_coverage, eigen_dim=eigen_dim,
+                   eigen_steps=eigen_steps, eigen_kernel_power=eigen_kernel_power, backend=backend,
                    mem_budget_mb=mem_budget_mb, workers=workers, scheduler=scheduler,
                    device=device, seed=seed)
     stage.run(cfg)
@@ -198,6 +205,20 @@ def evaluate(
              "the evaluated model exactly like the frozen baseline does, so trained vs baseline "
              "compares representations with identical probe fitting; writes eval/<name>-refit/. "
              "No effect with --baseline frozen (it always fits)."),
+    probe: Optional[str] = typer.Option(
+        None, "--probe",
+        help="How the cluster probe is obtained. kmeans (default): as before (the trained "
+             "probe, or spherical k-means where probes are fitted). primaps-em: PriMaPs-EM "
+             "prototypes fitted on the training split's code (batch-wise cosine k-means, then "
+             "focal loss against PriMaPs pseudo-labels with an EMA teacher). eigen: neural "
+             "eigenfunctions of the code's affinity kernel, discretised by k-means. Non-default "
+             "probes write eval/<name>-<probe>/."),
+    primaps_psi: Optional[float] = typer.Option(None, "--primaps-psi", help="--probe primaps-em: mask threshold (0.4)."),
+    primaps_coverage: Optional[float] = typer.Option(None, "--primaps-coverage", help="--probe primaps-em: stop fraction (0.95)."),
+    em_steps: Optional[int] = typer.Option(None, "--em-steps", help="--probe primaps-em: EM steps (2000; 0 = the k-means init alone)."),
+    eigen_dim: Optional[int] = typer.Option(None, "--eigen-dim", help="--probe eigen: eigenfunctions (default: classes)."),
+    eigen_steps: Optional[int] = typer.Option(None, "--eigen-steps", help="--probe eigen: NeuralEF steps (1500)."),
+    eigen_kernel_power: Optional[float] = typer.Option(None, "--eigen-kernel-power", help="--probe eigen: affinity max(0, cos)^p."),
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
 ):
@@ -206,7 +227,9 @@ def evaluate(
 
     cfg = _resolve(C.EvalConfig, "eval", preset, config, out=out, trained=trained,
                    baseline=baseline, crf=crf, workers=workers, n_show=n_show, probes=probes,
-                   device=device, seed=seed)
+                   probe=probe, primaps_psi=primaps_psi, primaps_coverage=primaps_coverage,
+                   em_steps=em_steps, eigen_dim=eigen_dim, eigen_steps=eigen_steps,
+                   eigen_kernel_power=eigen_kernel_power, device=device, seed=seed)
     stage.run(cfg)
 
 

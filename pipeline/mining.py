@@ -44,7 +44,9 @@ import numpy as np
 
 log = logging.getLogger("ppap.mining")
 
-CRITERIA = ("ppap", "p0", "hp", "kmeans")
+CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
+# criteria decided by a label per row of F (sets = same label minus self); label -1 = unassigned
+CLUSTER_CRITERIA = ("kmeans", "primaps", "eigen")
 BACKENDS = ("faiss", "torch")
 # band-pair classes stored in MinedBatch.band_class and in shards
 NEG, AMB, POS = 0, 1, 2
@@ -109,8 +111,8 @@ class SetsCSR:
 class MinedBatch:
     """What mining one batch decided (M anchors, N rows of F, D dims).
 
-    proxy: final proxy v_T (float32, the anchor's feature for T = 0, p0, hp and kmeans);
-    phi/psi: final Φ_T/Ψ_T (p0: both Φ0; hp: both c_i; kmeans: NaN).
+    proxy: final proxy v_T (float32, the anchor's feature for T = 0, p0, hp and cluster criteria);
+    phi/psi: final Φ_T/Ψ_T (p0: both Φ0; hp: both c_i; kmeans, primaps, eigen: NaN).
     band_*: every (anchor, j ≠ anchor) whose similarity lies within `band` of Φ_T or Ψ_T,
     with the class the miner gave it (NEG/AMB/POS); threshold criteria only.
     Set arrays are None when mined with keep_sets=False.
@@ -133,7 +135,7 @@ class MinedBatch:
     band_indptr: np.ndarray | None = None
     band_indices: np.ndarray | None = None
     band_class: np.ndarray | None = None  # int8 NEG/AMB/POS
-    cluster_of: np.ndarray | None = None  # kmeans: (N,) cluster of every row
+    cluster_of: np.ndarray | None = None  # cluster criteria: (N,) label of every row, -1 unassigned
     row_threshold: np.ndarray | None = None  # hp: (N,) c_j of every row
 
     @property
@@ -487,26 +489,50 @@ class _FaissCpuEngine:
 
 
 # ----------------------------------------------------------------------------------------
-# criteria without similarities (kmeans) and the public entry point
+# criteria without similarities (kmeans, primaps, eigen) and the public entry point
 # ----------------------------------------------------------------------------------------
 
 
 def _same_cluster_sets(cluster_of: np.ndarray, anchors: np.ndarray,
                        keep_sets: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per anchor the rows sharing its cluster, minus the anchor: (counts, concatenated cols)."""
-    n_clusters = int(cluster_of.max()) + 1
-    sizes = np.bincount(cluster_of, minlength=n_clusters)
-    counts = sizes[cluster_of[anchors]] - 1
+    """Per anchor the rows sharing its cluster, minus the anchor: (counts, concatenated cols).
+
+    Rows labelled -1 (unassigned) are nobody's positives; an unassigned anchor has none."""
+    assigned = cluster_of >= 0
+    n_clusters = int(cluster_of.max()) + 1 if assigned.any() else 0
+    sizes = np.bincount(cluster_of[assigned], minlength=n_clusters)
+    ca = cluster_of[anchors]
+    counts = np.where(ca >= 0, sizes[np.maximum(ca, 0)] - 1 if n_clusters else 0, 0)
     if not keep_sets:
         return counts.astype(np.int64), None
-    order = np.argsort(cluster_of, kind="stable")  # members grouped by cluster, sorted rows
+    rows = np.flatnonzero(assigned)
+    order = rows[np.argsort(cluster_of[rows], kind="stable")]  # grouped by cluster, sorted rows
     starts = _indptr(sizes)
     parts = []
     for a in anchors:
         k = cluster_of[a]
+        if k < 0:
+            continue
         seg = order[starts[k]:starts[k + 1]]
         parts.append(seg[seg != a])
     return counts.astype(np.int64), _cat(parts, np.int64)
+
+
+def _unassigned_amb_sets(cluster_of: np.ndarray, anchors: np.ndarray,
+                         keep_sets: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ambiguous sets of a cluster criterion: an assigned anchor's are the unassigned rows (-1);
+    an unassigned anchor's are all other rows (no decision either way). (counts, cols)."""
+    N = len(cluster_of)
+    un = np.flatnonzero(cluster_of < 0)
+    a_un = cluster_of[anchors] < 0
+    counts = np.where(a_un, N - 1, len(un)).astype(np.int64)
+    if not keep_sets:
+        return counts, None
+    if not un.size:
+        return counts, np.zeros(0, np.int64)
+    everything = np.arange(N, dtype=np.int64)
+    parts = [everything[everything != a] if u else un for a, u in zip(anchors, a_un)]
+    return counts, _cat(parts, np.int64)
 
 
 def _check_inputs(F: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -606,7 +632,8 @@ def mine_batch(
     """Mine one batch: F (N, D) float32 unit rows, anchors (M,) rows of F.
 
     criterion: 'ppap' (§2), 'p0' (positives P⁰ minus self), 'hp' (needs hp_pool (R, D)
-    float32 unit features), 'kmeans' (needs cluster_of (N,) cluster of every row of F).
+    float32 unit features), 'kmeans' / 'primaps' / 'eigen' (need cluster_of (N,): the label of
+    every row of F; -1 = unassigned, ambiguous for every anchor and an anchor without positives).
     band (> 0, threshold criteria): width of the stored band around Φ_T / Ψ_T that makes
     shard recovery exact; it must dwarf float32 rounding (default 1e-4).
     """
@@ -625,21 +652,23 @@ def mine_batch(
         raise ValueError(f"band={band} must lie in [1e-6, 0.01]: it must dwarf float32 rounding "
                          "(~1e-6) and stay small to keep shards small; use the default 1e-4")
 
-    if criterion == "kmeans":
+    if criterion in CLUSTER_CRITERIA:
         if cluster_of is None:
-            raise ValueError("criterion='kmeans' needs cluster_of (N,) for every row of F; "
-                             "compute it with fit_kmeans + assign_clusters")
+            raise ValueError(f"criterion={criterion!r} needs cluster_of (N,) for every row of F; "
+                             "compute it with the criterion's state (e.g. fit_kmeans + "
+                             "assign_clusters)")
         cl = np.asarray(cluster_of)
-        if cl.shape != (N,) or not np.issubdtype(cl.dtype, np.integer) or cl.min() < 0:
-            raise ValueError(f"cluster_of must be ({N},) non-negative integers, got "
+        if cl.shape != (N,) or not np.issubdtype(cl.dtype, np.integer) or cl.min() < -1:
+            raise ValueError(f"cluster_of must be ({N},) integers >= -1 (-1 = unassigned), got "
                              f"{cl.dtype} {cl.shape}")
         cl = cl.astype(np.int64)
         counts, cols = _same_cluster_sets(cl, a, keep_sets)
+        amb_counts, amb_cols = _unassigned_amb_sets(cl, a, keep_sets)
         mb = MinedBatch(criterion, N, a, F[a].copy(), np.full(M, np.nan), np.full(M, np.nan),
-                        counts, np.zeros(M, np.int64), 0, band, cluster_of=cl)
+                        counts, amb_counts, 0, band, cluster_of=cl)
         if keep_sets:
             mb.pos_indptr, mb.pos_indices = _indptr(counts), cols
-            mb.amb_indptr, mb.amb_indices = np.zeros(M + 1, np.int64), np.zeros(0, np.int64)
+            mb.amb_indptr, mb.amb_indices = _indptr(amb_counts), amb_cols
         return mb
 
     engine = _make_engine(F, backend, device)

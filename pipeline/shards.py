@@ -15,7 +15,11 @@ What a shard stores (always: images, anchors, proxy (M, D) float32, phi/psi (M,)
       Size does not depend on the size of the ambiguous zone (~1.2 KB per anchor at D = 384,
       nearly all of it the float32 proxy).
   explicit mode (hp)         positive CSR, delta-encoded and compressed.
-  clusters mode (kmeans)     the cluster of every row of F (sets = same cluster minus self).
+  clusters mode (kmeans, primaps, eigen)   the label of every row of F (sets = same label minus
+      self). Rows a criterion leaves unassigned (label -1; PriMaPs with coverage < 1) are
+      stored as a separate row list `unassigned` and are ambiguous: neither positive nor
+      negative for any anchor; an unassigned anchor has no positives and all other rows
+      ambiguous. Shards without unassigned rows are byte-identical to the earlier format.
 Integer arrays are stored as byte planes + zlib (small deltas compress to about a byte).
 
 API
@@ -42,14 +46,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.mining import (AMB, POS, MinedBatch, SetsCSR, _same_cluster_sets, block_rows,
-                             f32_ceil, f32_floor)
+from pipeline.mining import (AMB, POS, MinedBatch, SetsCSR, _same_cluster_sets,
+                             _unassigned_amb_sets, block_rows, f32_ceil, f32_floor)
 from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("ppap.shards")
 
 SHARD_FORMAT = 1
-MODES = {"ppap": "threshold", "p0": "threshold", "hp": "explicit", "kmeans": "clusters"}
+MODES = {"ppap": "threshold", "p0": "threshold", "hp": "explicit", "kmeans": "clusters",
+         "primaps": "clusters", "eigen": "clusters"}
 _BATCH_RE = re.compile(r"^b(\d{5,})\.npz$")
 _EPOCH_RE = re.compile(r"^e(\d{3,})$")
 
@@ -205,7 +210,7 @@ class Shard:
     band_class: np.ndarray | None = None
     pos_indptr: np.ndarray | None = None  # explicit mode
     pos_indices: np.ndarray | None = None
-    cluster_of: np.ndarray | None = None  # clusters mode
+    cluster_of: np.ndarray | None = None  # clusters mode; -1 = unassigned
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -235,9 +240,11 @@ def write_shard(
                          "pass the batch's crop indices in row order")
     mode = MODES[criterion]
     M, D = mined.proxy.shape
+    unassigned = (np.flatnonzero(mined.cluster_of < 0)
+                  if mode == "clusters" and mined.cluster_of is not None else np.zeros(0, np.int64))
     head = dict(format=SHARD_FORMAT, epoch=int(epoch), batch=int(batch), criterion=criterion,
                 mode=mode, n_rows=int(mined.n_rows), dim=int(D), band=float(mined.band),
-                has_amb=criterion == "ppap", meta=dict(meta or {}))
+                has_amb=criterion == "ppap" or bool(unassigned.size), meta=dict(meta or {}))
     arrays: dict[str, np.ndarray] = {
         "images": images,
         "anchors": pack_uints(mined.anchors),
@@ -256,7 +263,12 @@ def write_shard(
                              "mine it with keep_sets=True")
         arrays.update(_pack_csr("pos", mined.pos_indptr, mined.pos_indices))
     else:
-        arrays["cluster_of"] = pack_uints(mined.cluster_of)
+        if mined.cluster_of is None:
+            raise ValueError(f"criterion {criterion!r} is stored as one label per row; this "
+                             "MinedBatch has no cluster_of")
+        arrays["cluster_of"] = pack_uints(np.maximum(mined.cluster_of, 0))
+        if unassigned.size:
+            arrays["unassigned"] = pack_uints(unassigned)
     arrays["header"] = np.frombuffer(json.dumps(head, sort_keys=True, default=str).encode(),
                                      dtype=np.uint8)
     buf = io.BytesIO()
@@ -304,6 +316,8 @@ def read_shard(path: str | Path) -> Shard:
         sh.pos_indptr, sh.pos_indices = _unpack_csr(z, "pos")
     else:
         sh.cluster_of = unpack_uints(z["cluster_of"])
+        if "unassigned" in z:
+            sh.cluster_of[unpack_uints(z["unassigned"])] = -1
     return sh
 
 
@@ -329,9 +343,12 @@ def recover_sets(shard: Shard, F: np.ndarray, dtype=np.float32, mem_budget_mb: f
         return SetsCSR(shard.pos_indptr, shard.pos_indices, *empty)
     if shard.mode == "clusters":
         counts, cols = _same_cluster_sets(shard.cluster_of, shard.anchors, keep_sets=True)
+        amb_counts, amb_cols = _unassigned_amb_sets(shard.cluster_of, shard.anchors, keep_sets=True)
         indptr = np.zeros(M + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
-        return SetsCSR(indptr, cols, *empty)
+        amb_indptr = np.zeros(M + 1, np.int64)
+        np.cumsum(amb_counts, out=amb_indptr[1:])
+        return SetsCSR(indptr, cols, amb_indptr, amb_cols)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype={dtype} must be float32 or float64")

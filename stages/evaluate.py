@@ -17,6 +17,12 @@ cluster prediction = argmax cosine to the centroids, linear = argmax logits; one
 matrix per (probe, CRF on/off) over the split; Hungarian matching for clusters. CRF runs in
 worker processes while the next batch is computed.
 
+`--probe primaps-em|eigen` replaces the cluster probe (wherever it comes from) by one fitted on
+the training split's code of the evaluated model with pipeline/primaps.py (PriMaPs-EM) or
+pipeline/eigen.py (neural eigenfunctions + k-means); it is scored through the same Hungarian
+path, the linear probe is unchanged, and `-<probe>` is appended to the output name. The
+default `--probe kmeans` behaves exactly as before.
+
 Writes `<out>/eval/<name>/`: metrics.json (with `probes`: trained | refit; the frozen baseline
 reports refit), confusion.npz (raw matrices), confusion.png, predictions.png, config.json (name
 = the training run, `<run>-refit` with `--probes refit`, or 'frozen'; fitted probes are also
@@ -60,6 +66,8 @@ PROBE_LR = 1e-3
 PROBE_BATCH = 64
 PROBE_BLOCK = 256  # crops read contiguously, shuffled within (I/O-friendly shuffling)
 PROBE_CACHE_MB = 1024  # training splits up to this size are read once and kept in memory
+PRIMAPS_EM_CACHE_MB = 1536  # --probe primaps-em: float16 training code held in memory (crops
+#                             beyond it are left out by a seeded subsample)
 
 
 @dataclass
@@ -70,8 +78,9 @@ class Probes:
     inputs: str  # the val array `code` reads: "tokens" (trained branch) or "feats" (frozen)
     code: Callable[[dict[str, np.ndarray]], torch.Tensor]  # val batch -> (B, D, h, w) float32
     linear: Any  # pipeline.model.LinearProbe
-    cluster: Any  # pipeline.model.ClusterProbe
+    cluster: Any  # pipeline.model.ClusterProbe (or pipeline.eigen.EigenClusterProbe)
     info: dict[str, Any]
+    source: "CodeSource | None" = None  # training-split code of this model (to fit probes on)
 
 
 # --------------------------------------------------------------------------- model sources
@@ -143,14 +152,15 @@ def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
         tokens = torch.from_numpy(batch["tokens"]).to(dev, torch.float32)
         return branch.encode(tokens, grid).float()
 
+    source = branch_source(store, branch, dev, cfg.trained)
     if cfg.probes == "refit":
         name = f"{cfg.trained}-refit"
-        linear, cluster, fit_info = _fit_probes(cfg, store, branch_source(store, branch, dev, cfg.trained))
-        return Probes(name, "tokens", code, linear, cluster, {**info, **fit_info})
+        linear, cluster, fit_info = _fit_probes(cfg, store, source)
+        return Probes(name, "tokens", code, linear, cluster, {**info, **fit_info}, source)
     if linear is None:
         raise ValueError(f"{info['checkpoint']} has no linear probe (trained without labels); "
                          "cannot evaluate it with --probes trained")
-    return Probes(cfg.trained, "tokens", code, linear, cluster, info)
+    return Probes(cfg.trained, "tokens", code, linear, cluster, info, source)
 
 
 def _frozen_code_fn(store: FeatureStore, split: str, device: torch.device):
@@ -266,25 +276,84 @@ def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
 
     dev = torch.device(cfg.device)
     k = store.num_classes
-    with timed(f"spherical k-means on {source.name}", log):
-        x = _kmeans_sample(store, cfg.seed, source)
-        centroids = fit_kmeans(x, k, cfg.seed)
-    cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cluster.centroids.copy_(torch.from_numpy(centroids))
-    cluster = cluster.to(dev).eval().requires_grad_(False)
+    info: dict[str, Any] = {"fit_code": source.name}
+    if cfg.probe == "kmeans":
+        with timed(f"spherical k-means on {source.name}", log):
+            x = _kmeans_sample(store, cfg.seed, source)
+            centroids = fit_kmeans(x, k, cfg.seed)
+        cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cluster.centroids.copy_(torch.from_numpy(centroids))
+        cluster = cluster.to(dev).eval().requires_grad_(False)
+        info.update(kmeans_rows=int(len(x)), kmeans_niter=KMEANS_NITER)
+    else:  # fitted by run() through fit_seed_probe
+        cluster = None
     with timed(f"linear probe on {source.name}", log):
         linear = fit_linear_probe(store, cfg.seed, dev, source)
-    info = {"fit_code": source.name, "kmeans_rows": int(len(x)), "kmeans_niter": KMEANS_NITER,
-            "probe_epochs": linear.epochs, "probe_steps": linear.steps, "probe_lr": PROBE_LR,
-            "probe_batch": PROBE_BATCH}
+    info.update(probe_epochs=linear.epochs, probe_steps=linear.steps, probe_lr=PROBE_LR,
+                probe_batch=PROBE_BATCH)
     return linear, cluster, info
 
 
 def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
-    linear, cluster, info = _fit_probes(cfg, store, frozen_source(store))
+    source = frozen_source(store)
+    linear, cluster, info = _fit_probes(cfg, store, source)
     code = _frozen_code_fn(store, EVAL_SPLIT, torch.device(cfg.device))
-    return Probes("frozen", "feats", code, linear, cluster, info)
+    return Probes("frozen", "feats", code, linear, cluster, info, source)
+
+
+def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.ndarray:
+    """Normalised training-split code of (a seeded, memory-capped subset of) the valid crops,
+    (n, h*w, D) float16, for PriMaPs-EM."""
+    g = store.split(FIT_SPLIT)
+    crops = _valid_rows(g, store.n(FIT_SPLIT))
+    hw = int(np.prod(store.grid(FIT_SPLIT)))
+    cap = max(1, (PRIMAPS_EM_CACHE_MB << 20) // (hw * store.embed_dim * 2))
+    if len(crops) > cap:
+        rng = np.random.default_rng([seed, 3])
+        crops = np.sort(rng.choice(crops, size=cap, replace=False))
+        log.info("primaps-em: using %d of the training crops (PRIMAPS_EM_CACHE_MB)", cap)
+    out = np.empty((len(crops), hw, store.embed_dim), np.float16)
+    for s in tqdm(range(0, len(crops), PROBE_BLOCK), desc=f"read {source.name}", unit="block",
+                  dynamic_ncols=True):
+        f = source.read(crops[s:s + PROBE_BLOCK])
+        out[s:s + len(f)] = normalise(f).astype(np.float16)
+    return out
+
+
+def fit_seed_probe(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
+    """(cluster-probe-like module, info) for --probe primaps-em | eigen, fitted on `source`."""
+    from pipeline import eigen, primaps
+    from pipeline.model import ClusterProbe
+
+    k = store.num_classes
+    dev = torch.device(cfg.device)
+    if cfg.probe == "primaps-em":
+        params = primaps.EMParams(steps=cfg.em_steps, psi=cfg.primaps_psi,
+                                  coverage=cfg.primaps_coverage)
+        X = _training_crops(store, cfg.seed, source)
+        with timed(f"PriMaPs-EM on {source.name}", log), \
+                tqdm(total=params.steps, desc="primaps-em", unit="step", dynamic_ncols=True) as bar:
+            def progress(step: int, loss: float) -> None:
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+            protos, info = primaps.fit_primaps_em(X, k, cfg.seed, params, progress=progress)
+        cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cluster.centroids.copy_(torch.from_numpy(protos))
+    else:
+        params = eigen.EigenParams(n_eigen=cfg.eigen_dim, steps=cfg.eigen_steps,
+                                   kernel_power=cfg.eigen_kernel_power)
+        x = _kmeans_sample(store, cfg.seed, source)
+        with timed(f"neural eigenfunctions on {source.name}", log), \
+                tqdm(total=params.steps, desc="neuralef", unit="step", dynamic_ncols=True) as bar:
+            clusters = eigen.fit_eigen_clusters(x, k, cfg.seed, params,
+                                                progress=lambda step, loss: bar.update(1))
+        cluster = eigen.EigenClusterProbe(clusters)
+        info = {"method": "eigen", **clusters.info}
+    return cluster.to(dev).eval().requires_grad_(False), {"cluster_probe": info}
 
 
 # --------------------------------------------------------------------------- evaluation pass
@@ -486,6 +555,10 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     if not store.has_labels:
         raise ValueError(f"{store.path} was cached without labels; evaluation needs a labelled dataset")
     probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
+    if cfg.probe != "kmeans":
+        probes.cluster, seed_info = fit_seed_probe(cfg, store, probes.source)
+        probes.name = f"{probes.name}-{cfg.probe}"
+        probes.info.update(seed_info)
     name = probes.name
     fitted = cfg.baseline == "frozen" or cfg.probes == "refit"
     dest = Path(cfg.out) / "eval" / name
@@ -501,6 +574,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
         "name": name,
         "baseline": cfg.baseline,
         "probes": "refit" if fitted else "trained",
+        "cluster_probe": cfg.probe,
         "split": EVAL_SPLIT,
         "n_images": res["n_images"],
         "num_classes": store.num_classes,
@@ -515,10 +589,11 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     }
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
-    if fitted:  # keep fitted probes for inspection and reuse
+    if fitted or cfg.probe != "kmeans":  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()
         torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
                     "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},
+                    "cluster_probe": {k: v.cpu() for k, v in probes.cluster.state_dict().items()},
                     "info": probes.info, "seed": cfg.seed}, buf)
         atomic_write_bytes(dest / "probes.pt", buf.getvalue())
     buf = io.BytesIO()

@@ -4,7 +4,8 @@ Unit of work: one (epoch, batch) of the batch plan, written as one shard plus it
 marker (pipeline.shards). Which crops form a batch and which patches are anchors is a pure
 function of (seed, epoch, batch, sizes) (pipeline.batching), so a rerun, a resumed run and a
 dask run write bit-identical shards. Criterion state shared by all batches (the HP reference
-pool, the k-means centroids) is drawn once from the training split and saved beside the shards.
+pool, the k-means centroids, the PriMaPs class prototypes, the eigenfunction net) is drawn once
+from the training split and saved beside the shards.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import batching, mining, shards
+from pipeline import batching, eigen, mining, primaps, shards
 from pipeline import config as C
 from pipeline.executor import run_units
 from pipeline.featstore import FeatureStore, normalise, take_rows
@@ -28,7 +29,7 @@ from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write
 
 log = logging.getLogger("ppap.mine")
 
-KMEANS_SAMPLE = 100_000  # patches used to fit the k-means criterion's centroids
+KMEANS_SAMPLE = 100_000  # patches used to fit the k-means / primaps / eigen criterion state
 
 
 def mine_dir(out: str | Path, name: str) -> Path:
@@ -80,6 +81,13 @@ def _identity(cfg: C.MineConfig, store: FeatureStore) -> dict[str, Any]:
         ident.update(phi0=cfg.phi0, band=cfg.band)
     elif cfg.criterion == "hp":
         ident.update(hp_pool_size=cfg.hp_pool_size)
+    elif cfg.criterion == "primaps":
+        ident.update(kmeans_k=_kmeans_k(cfg, store), primaps_psi=cfg.primaps_psi,
+                     primaps_coverage=cfg.primaps_coverage)
+    elif cfg.criterion == "eigen":
+        ident.update(kmeans_k=_kmeans_k(cfg, store), eigen_dim=cfg.eigen_dim,
+                     eigen_steps=cfg.eigen_steps, eigen_kernel_power=cfg.eigen_kernel_power,
+                     eigen_batch=eigen.BATCH, eigen_hidden=eigen.EigenParams().hidden)
     else:
         ident.update(kmeans_k=_kmeans_k(cfg, store))
     return ident
@@ -89,8 +97,8 @@ def _kmeans_k(cfg: C.MineConfig, store: FeatureStore) -> int:
     if cfg.kmeans_k is not None:
         return cfg.kmeans_k
     if store.num_classes < 2:
-        raise ValueError("the cache has no class list, so the k-means criterion cannot default "
-                         "its cluster count; pass --kmeans-k K")
+        raise ValueError(f"the cache has no class list, so the {cfg.criterion} criterion cannot "
+                         "default its cluster count; pass --kmeans-k K")
     return store.num_classes
 
 
@@ -129,16 +137,48 @@ def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path) -> 
                                                     tag=batching.TAG_HP_POOL)
             _save_npy(path, _rows(store, items[imgs], patches))
         return {"hp_pool": _load_npy(str(path))}
-    if cfg.criterion == "kmeans":
-        path = directory / "kmeans_centroids.npy"
+    def sample() -> np.ndarray:  # the same seeded sample for kmeans, primaps and eigen
+        n = min(KMEANS_SAMPLE, len(items) * h * w)
+        imgs, patches = batching.sample_patches(cfg.seed, len(items), h * w, n,
+                                                tag=batching.TAG_KMEANS)
+        return _rows(store, items[imgs], patches)
+
+    if cfg.criterion in ("kmeans", "primaps"):
+        # primaps: the class prototypes whose majority labels the masks (= the kmeans centroids)
+        path = directory / ("kmeans_centroids.npy" if cfg.criterion == "kmeans"
+                            else "primaps_prototypes.npy")
         if not path.exists():
-            n = min(KMEANS_SAMPLE, len(items) * h * w)
-            imgs, patches = batching.sample_patches(cfg.seed, len(items), h * w, n,
-                                                    tag=batching.TAG_KMEANS)
-            X = _rows(store, items[imgs], patches)
-            _save_npy(path, mining.fit_kmeans(X, _kmeans_k(cfg, store), cfg.seed))
+            _save_npy(path, mining.fit_kmeans(sample(), _kmeans_k(cfg, store), cfg.seed))
         return {"centroids": _load_npy(str(path))}
+    if cfg.criterion == "eigen":
+        path = directory / "eigen_state.npz"
+        if not path.exists():
+            params = eigen.EigenParams(n_eigen=cfg.eigen_dim, steps=cfg.eigen_steps,
+                                       kernel_power=cfg.eigen_kernel_power)
+            log.info("mine %s: fitting %s eigenfunctions (NeuralEF, %d steps) on %d patches",
+                     cfg.run_name, cfg.eigen_dim or "K", cfg.eigen_steps, min(KMEANS_SAMPLE, len(items) * h * w))
+            fitted = eigen.fit_eigen_clusters(sample(), _kmeans_k(cfg, store), cfg.seed, params)
+            atomic_write_bytes(path, fitted.to_npz_bytes())
+        return {"eigen": _load_eigen(str(path), os.stat(path).st_mtime_ns)}
     return {}
+
+
+@functools.lru_cache(maxsize=2)
+def _load_eigen(path: str, mtime_ns: int) -> eigen.EigenClusters:
+    return eigen.EigenClusters.from_npz(path)
+
+
+def cluster_labels(cfg: C.MineConfig, state: dict[str, Any], F: np.ndarray,
+                   patches_per_crop: int) -> np.ndarray | None:
+    """The label of every row of F for the cluster criteria (-1 = unassigned), else None."""
+    if cfg.criterion == "kmeans":
+        return mining.assign_clusters(F, state["centroids"], mem_budget_mb=cfg.mem_budget_mb)
+    if cfg.criterion == "primaps":
+        return primaps.pseudo_labels(F, patches_per_crop, state["centroids"], cfg.primaps_psi,
+                                     cfg.primaps_coverage)
+    if cfg.criterion == "eigen":
+        return state["eigen"].assign(F)
+    return None
 
 
 def _limit_threads(workers: int) -> None:
@@ -162,9 +202,7 @@ def process_batch(unit: tuple[int, int], cfg: C.MineConfig) -> dict[str, Any]:
     h, w = store.grid("train")
     anchors = batching.anchor_rows(cfg.seed, epoch, batch, len(images), h * w, cfg.anchor_fraction)
     state = criterion_state(cfg, store, directory)
-    cluster_of = None
-    if cfg.criterion == "kmeans":
-        cluster_of = mining.assign_clusters(F, state["centroids"], mem_budget_mb=cfg.mem_budget_mb)
+    cluster_of = cluster_labels(cfg, state, F, h * w)
     mined = mining.mine_batch(
         F, anchors, cfg.criterion, _params(cfg), backend=cfg.backend, device=cfg.device,
         mem_budget_mb=cfg.mem_budget_mb, band=cfg.band, hp_pool=state.get("hp_pool"),
@@ -204,11 +242,23 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
               desc=f"mine {cfg.run_name}", rate_unit="batch")
     summary = summarise(directory, units)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["criterion_state"] = state_checksums(directory)
     atomic_write_json(directory / "summary.json", summary)
     log.info("mine %s: mean |P| %.1f, |A| %.1f, |N| %.1f, no-positive anchors %d, %.0f bytes/anchor",
              cfg.run_name, summary["mean_pos"], summary["mean_amb"], summary["mean_neg"],
              summary["anchors_without_positive"], summary["bytes_per_anchor"])
     return summary
+
+
+STATE_FILES = ("hp_pool.npy", "kmeans_centroids.npy", "primaps_prototypes.npy", "eigen_state.npz")
+
+
+def state_checksums(directory: Path) -> dict[str, str]:
+    """sha256 of the criterion state files in a mined-set directory (recorded in summary.json)."""
+    import hashlib
+
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in STATE_FILES if (directory / name).is_file()}
 
 
 def summarise(directory: Path, units: list[tuple[int, int]]) -> dict[str, Any]:
