@@ -24,7 +24,8 @@ class assignment (nearest of K spherical prototypes; ties -> lowest class); unas
 keep -1.
 
 PriMaPs-EM (`fit_primaps_em`): K class prototypes on the unit sphere, fitted to any features:
-  init  batch-wise spherical (cosine) k-means: seeded random patches as centres, then
+  init  batch-wise spherical (cosine) k-means: k-means++ seeds (distance 1 - cosine, among a
+        seeded sample of PLUSPLUS_SAMPLE patches), then
         `init_epochs` passes over the crops in seeded batches, each centre the normalised running
         sum of the patches assigned to it in the current pass (Sculley's mini-batch k-means,
         per-centre rate 1/count, restarted from the current centres every pass); a centre that
@@ -59,6 +60,7 @@ import numpy as np
 
 log = logging.getLogger("ppap.primaps")
 
+PLUSPLUS_SAMPLE = 20_000  # patches among which the k-means++ seeds of the EM init are drawn
 PSI = 0.4  # mask threshold relative to the cosine map's maximum (the paper's value)
 COVERAGE = 0.95  # stop once this fraction of a crop's patches is assigned (the authors' code)
 
@@ -237,8 +239,17 @@ def minibatch_spherical_kmeans(X: np.ndarray, k: int, seed: int, epochs: int = 2
     """Batch-wise cosine k-means over crops X (n, h*w, D) -> (k, D) unit prototypes (seeded)."""
     n, hw, d = _check_crops(X, k)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x454D]))  # "EM"
-    flat = rng.choice(n * hw, size=k, replace=False)
-    C = _unit_rows(np.stack([np.asarray(X[i // hw][i % hw], np.float32) for i in flat]))
+    # k-means++ seeding (distance 1 - cosine) on a seeded sample of patches
+    flat = np.sort(rng.choice(n * hw, size=min(n * hw, PLUSPLUS_SAMPLE), replace=False))
+    pool = _unit_rows(np.stack([np.asarray(X[i // hw][i % hw], np.float32) for i in flat]))
+    chosen = [int(rng.integers(len(pool)))]
+    dist = 1.0 - pool @ pool[chosen[0]]
+    for _ in range(1, k):
+        w = np.maximum(dist, 0).astype(np.float64) ** 2
+        nxt = int(rng.choice(len(pool), p=w / w.sum())) if w.sum() > 0 else int(rng.integers(len(pool)))
+        chosen.append(nxt)
+        dist = np.minimum(dist, 1.0 - pool @ pool[nxt])
+    C = pool[chosen].copy()
     for _ in range(int(epochs)):
         S = C.astype(np.float64).copy()  # running sums of this pass (the centre counts once)
         hit = np.zeros(k, np.int64)

@@ -322,3 +322,46 @@ def test_unlabelled_store_is_refused(tmp_path):
     make_store(tmp_path, labelled=False)
     with pytest.raises(ValueError, match="without labels"):
         evaluate.run(EvalConfig(out=str(tmp_path), baseline="frozen"))
+
+
+def test_seed_system_probes_on_frozen_features(store_dir, frozen_report):
+    """--probe primaps-em / eigen replace only the cluster probe, fitted on the training code;
+    separable classes are recovered; the default output (eval/frozen) is left alone."""
+    out, _ = store_dir
+    before = (out / "eval" / "frozen" / "metrics.json").read_bytes()
+    for probe, kw, name in (("primaps-em", dict(em_steps=60), "frozen-primaps-em"),
+                            ("eigen", dict(eigen_steps=150), "frozen-eigen")):
+        rep = evaluate.run(EvalConfig(out=str(out), baseline="frozen", probe=probe, crf=False,
+                                      n_show=1, **kw))
+        assert rep["name"] == name and rep["cluster_probe"] == probe
+        assert rep["model"]["cluster_probe"]["method"] == probe
+        assert rep["n_clusters"] == K
+        assert rep["no_crf"]["cluster_acc"] > 95 and rep["no_crf"]["cluster_miou"] > 90, rep["no_crf"]
+        # the linear probe is fitted exactly like the baseline's
+        for key in ("linear_acc", "linear_miou"):
+            assert rep["no_crf"][key] == frozen_report["no_crf"][key]
+        dest = out / "eval" / name
+        assert json.loads((dest / "metrics.json").read_text())["no_crf"] == rep["no_crf"]
+        saved = torch.load(dest / "probes.pt", weights_only=True)
+        assert saved["centroids"].shape[0] == K and saved["cluster_probe"]
+    info = json.loads((out / "eval" / "frozen-primaps-em" / "metrics.json").read_text())["model"]
+    assert info["cluster_probe"]["steps"] == 60 and info["cluster_probe"]["psi"] == 0.4
+    assert (out / "eval" / "frozen" / "metrics.json").read_bytes() == before
+
+
+def test_seed_probe_on_a_trained_run_keeps_its_linear_probe(store_dir):
+    """--probes trained + --probe primaps-em: cluster probe fitted on the branch's training
+    code (good), the run's own (random, poor) linear probe kept."""
+    out, _ = store_dir
+    store = FeatureStore(out)
+    c, lin = _random_probes(store, 21)
+    _checkpoint(out / "train" / "rand" / "last.pt", store, c, lin)
+    plain = evaluate.run(EvalConfig(out=str(out), trained="rand", crf=False, n_show=0))
+    rep = evaluate.run(EvalConfig(out=str(out), trained="rand", probe="primaps-em", em_steps=40,
+                                  crf=False, n_show=0))
+    assert rep["name"] == "rand-primaps-em" and rep["probes"] == "trained"
+    assert rep["model"]["cluster_probe"]["crops"] == N_TRAIN
+    assert rep["no_crf"]["cluster_miou"] > 90 > plain["no_crf"]["cluster_miou"]
+    assert rep["no_crf"]["linear_acc"] == plain["no_crf"]["linear_acc"] < 80
+    with pytest.raises(ValueError, match="probe='nope'"):
+        EvalConfig(probe="nope")
