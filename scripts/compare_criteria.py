@@ -1,0 +1,158 @@
+"""Side-by-side comparison of the six seed criteria (ppap, p0, hp, kmeans, primaps, eigen).
+
+Runs the ordinary `ppap-pipe` stages (through `python -m pipeline.cli`, so the current code and
+the preset's settings apply) and prints Markdown tables for the README. Finished stages are not
+redone (every stage resumes), so rerunning after an interruption only does what is missing.
+
+    # 1. audit table: mine one batch plan of every criterion, audit the same batches/anchors
+    python scripts/compare_criteria.py audit --preset camvid --out data_cache/camvid
+
+    # 2. cluster probes on the frozen features: k-means vs PriMaPs-EM vs eigenfunctions
+    python scripts/compare_criteria.py probes --preset camvid --out data_cache/camvid
+
+    # 3. train/eval table: mine the preset's epochs, train on every criterion, evaluate the run
+    #    with its trained probes, with refitted probes and with a PriMaPs-EM cluster probe
+    python scripts/compare_criteria.py train-eval --preset camvid --out data_cache/camvid
+
+Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
+through, quoted), --md FILE (also write the table there), --dry-run (print the commands).
+Mined sets are named after the criterion (`<out>/mine/<criterion>`), except that `audit` mines
+`--epochs 1` into `<out>/mine/audit-<criterion>` so it never clashes with a full run; training
+runs are `<out>/train/<criterion>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(args: argparse.Namespace, *argv: str, extra: str = "") -> None:
+    cmd = [sys.executable, "-m", "pipeline.cli", *argv, *shlex.split(extra)]
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if not args.dry_run:
+        subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def common(args: argparse.Namespace) -> list[str]:
+    out = ["--out", args.out] if args.out else []
+    return out + (["--preset", args.preset] if args.preset else [])
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return REPO / (args.out or f"data_cache/{args.preset or 'demo'}")
+
+
+def emit(args: argparse.Namespace, lines: list[str]) -> None:
+    text = "\n".join(lines)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+
+
+def fmt(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def do_audit(args: argparse.Namespace) -> None:
+    names = [f"audit-{c}" for c in args.criteria]
+    for c, name in zip(args.criteria, names):
+        cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--epochs", "1",
+            extra=args.mine_args)
+    json_path = out_dir(args) / "audit" / "criteria.json"
+    mined = [x for n in names for x in ("--mined", n)]
+    cli(args, "audit", *common(args), *mined, "--batches", str(args.batches), "--max-anchors",
+        str(args.max_anchors), "--json", str(json_path),
+        "--plot", str(json_path.with_name("criteria_fig1b.png")))
+    if args.dry_run:
+        return
+    rep = json.loads(json_path.read_text())
+    lines = [f"Epoch {rep['epoch']}, batches {rep['batches']}, {sum(rep['anchors_audited'])} sampled "
+             "anchors, the same for every criterion:", "",
+             "| criterion | mean \\|P\\| | % TP in P | % TP pooled | mean \\|N\\| | % FP in N | "
+             "mean \\|A\\| | recall % | no positive |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["runs"]:
+        lines.append(f"| {r['criterion']} | {fmt(r['n_pos'], ',.0f')} | {fmt(r['tp_in_p'])} | "
+                     f"{fmt(r['tp_in_p_pooled'])} | {fmt(r['n_neg'], ',.0f')} | {fmt(r['fp_in_n'])} | "
+                     f"{fmt(r['n_amb'], ',.0f')} | {fmt(r['recall'])} | {fmt(r['no_pos_pct'])}% |")
+    emit(args, lines)
+
+
+def metrics(args: argparse.Namespace, name: str) -> dict:
+    return json.loads((out_dir(args) / "eval" / name / "metrics.json").read_text())
+
+
+def cell(m: dict, probe: str, crf: bool = False) -> str:
+    block = m["crf" if crf else "no_crf"]
+    if block is None:
+        return "-"
+    return f"{block[f'{probe}_acc']:.1f} / {block[f'{probe}_miou']:.1f}"
+
+
+def do_probes(args: argparse.Namespace) -> None:
+    runs = [("kmeans", "frozen"), ("primaps-em", "frozen-primaps-em"), ("eigen", "frozen-eigen")]
+    for probe, _ in runs:
+        cli(args, "eval", *common(args), "--baseline", "frozen", "--probe", probe, extra=args.eval_args)
+    if args.dry_run:
+        return
+    lines = ["| frozen features, cluster probe | cluster acc / mIoU | + CRF |", "|---|---|---|"]
+    for probe, name in runs:
+        m = metrics(args, name)
+        lines.append(f"| {probe} | {cell(m, 'cluster')} | {cell(m, 'cluster', True)} |")
+    emit(args, lines)
+
+
+def do_train_eval(args: argparse.Namespace) -> None:
+    for c in args.criteria:
+        cli(args, "mine", *common(args), "--criterion", c, "--name", c, extra=args.mine_args)
+        cli(args, "train", *common(args), "--mined", c, "--name", c, extra=args.train_args)
+        cli(args, "eval", *common(args), "--trained", c, extra=args.eval_args)
+        cli(args, "eval", *common(args), "--trained", c, "--probes", "refit", extra=args.eval_args)
+        cli(args, "eval", *common(args), "--trained", c, "--probe", "primaps-em", extra=args.eval_args)
+    cli(args, "eval", *common(args), "--baseline", "frozen", extra=args.eval_args)
+    cli(args, "eval", *common(args), "--baseline", "frozen", "--probe", "primaps-em", extra=args.eval_args)
+    if args.dry_run:
+        return
+    lines = ["acc / mIoU (x100) on the evaluation split; trained = probes trained with the model, "
+             "refit = k-means + linear probe fitted on the model's training code like the baseline, "
+             "PriMaPs-EM = cluster probe fitted by PriMaPs-EM on the model's training code.", "",
+             "| features | cluster (trained) | linear (trained) | cluster (refit) | linear (refit) | "
+             "cluster (PriMaPs-EM) | cluster + CRF (refit) |", "|---|---|---|---|---|---|---|"]
+    fz, fz_em = metrics(args, "frozen"), metrics(args, "frozen-primaps-em")
+    lines.append(f"| frozen | - | - | {cell(fz, 'cluster')} | {cell(fz, 'linear')} | "
+                 f"{cell(fz_em, 'cluster')} | {cell(fz, 'cluster', True)} |")
+    for c in args.criteria:
+        t, r, e = metrics(args, c), metrics(args, f"{c}-refit"), metrics(args, f"{c}-primaps-em")
+        lines.append(f"| {c}-trained | {cell(t, 'cluster')} | {cell(t, 'linear')} | "
+                     f"{cell(r, 'cluster')} | {cell(r, 'linear')} | {cell(e, 'cluster')} | "
+                     f"{cell(r, 'cluster', True)} |")
+    emit(args, lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("what", choices=("audit", "probes", "train-eval"))
+    p.add_argument("--preset", default="camvid")
+    p.add_argument("--out", default=None, help="run directory (default data_cache/<preset>)")
+    p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
+    p.add_argument("--batches", type=int, default=3, help="audit: batches of plan 0")
+    p.add_argument("--max-anchors", type=int, default=1024, help="audit: anchors per batch")
+    p.add_argument("--mine-args", default="", help="extra flags for every mine command")
+    p.add_argument("--train-args", default="", help="extra flags for every train command")
+    p.add_argument("--eval-args", default="", help="extra flags for every eval command")
+    p.add_argument("--md", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = p.parse_args(argv)
+    {"audit": do_audit, "probes": do_probes, "train-eval": do_train_eval}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
