@@ -111,6 +111,7 @@ def mine(
     batch_size: Optional[int] = typer.Option(None, help="Crops per mined batch."),
     anchors_per_image: Optional[str] = typer.Option(None, help="Fraction of patches as anchors, e.g. 1/16, or 'all'."),
     epochs: Optional[int] = typer.Option(None, help="Batch plans to mine (one seeded permutation each)."),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of training images (whole, seeded) kept out of mining and training, for selection (0.1)."),
     hp_pool_size: Optional[int] = typer.Option(None, help="HP criterion reference pool size R."),
     kmeans_k: Optional[int] = typer.Option(None, help="k-means criterion clusters (default: classes)."),
     backend: Optional[str] = typer.Option(None, help="faiss or torch."),
@@ -126,7 +127,7 @@ def mine(
     cfg = _resolve(C.MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
                    phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
                    sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
-                   epochs=epochs, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k, backend=backend,
+                   epochs=epochs, holdout=holdout, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k, backend=backend,
                    mem_budget_mb=mem_budget_mb, workers=workers, scheduler=scheduler,
                    device=device, seed=seed)
     stage.run(cfg)
@@ -167,6 +168,12 @@ def train(
     ckpt_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Autocast on CUDA (never on CPU)."),
+    holdout: Optional[float] = typer.Option(None, help="Held-out fraction of training images (fixed when mining; default: the mined sets', another value is refused)."),
+    select_every: Optional[int] = typer.Option(None, help="Score the run on the held-out images every N steps (0 = never); keeps best.pt."),
+    select_metric: Optional[str] = typer.Option(None, help="What best.pt maximises: cluster_miou, linear_miou or labelfree."),
+    rank_floor: Optional[float] = typer.Option(None, help="Label-free rule: the last point before held-out effective rank < rank_floor x frozen."),
+    collapse_ratio: Optional[float] = typer.Option(None, help="Warn when effective rank < this x the frozen features'."),
+    amb_weight: Optional[float] = typer.Option(None, help="Loss variant: ambiguous rows as weak negatives with this weight (0 = Eq. 8)."),
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
 ):
@@ -177,7 +184,35 @@ def train(
                    epochs=epochs, tau=tau, parity_factor=parity_factor, optimizer=optimizer, lr=lr,
                    weight_decay=weight_decay, probe_lr=probe_lr, cluster_lr=cluster_lr,
                    grad_clip=grad_clip, anchor_chunk=anchor_chunk, ckpt_every=ckpt_every,
-                   max_steps=max_steps, amp=amp, device=device, seed=seed)
+                   max_steps=max_steps, amp=amp, holdout=holdout, select_every=select_every,
+                   select_metric=select_metric, rank_floor=rank_floor,
+                   collapse_ratio=collapse_ratio, amb_weight=amb_weight, device=device, seed=seed)
+    stage.run(cfg)
+
+
+@app.command("sweep-train")
+def sweep_train(
+    out: Optional[str] = OUT,
+    preset: Optional[str] = PRESET,
+    config: Optional[str] = CONFIG,
+    mined: Optional[str] = typer.Option(None, help="Base mined sets (name under out/mine/); a grid over mining thresholds mines <mined>-<label> from it."),
+    name: Optional[str] = typer.Option(None, help="Sweep name: runs train/<name>-<label>/, report sweep/<name>/ (default: sweep)."),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="NAME=V1,V2 or NAME=START:STOP:STEP; repeat for a grid. NAME: a training option (tau, lr, weight_decay, amb_weight, epochs, ...) or a mining threshold (phi0, psi0, prop_iters, sigma_pos, sigma_amb)."),
+    fixed: Optional[list[str]] = typer.Option(None, "--fixed", help="NAME=VALUE training option shared by every run; repeatable."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs of every run."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop every run after this many steps."),
+    select_every: Optional[int] = typer.Option(None, help="Steps between held-out scorings (must be > 0)."),
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+):
+    """Train a grid of runs and tabulate their held-out (training-split) scores; never reads the evaluation split."""
+    from stages import sweep as stage
+
+    cfg = C.resolve(C.SweepConfig, config_file=config, stage="sweep-train",
+                   out=_default_out(preset, out), mined=mined, name=name,
+                   grid=tuple(grid) if grid else None, fixed=tuple(fixed) if fixed else None,
+                   preset=preset, epochs=epochs, max_steps=max_steps, select_every=select_every,
+                   device=device, seed=seed)
     stage.run(cfg)
 
 
@@ -193,11 +228,15 @@ def evaluate(
     n_show: Optional[int] = typer.Option(None, help="Images in the prediction grid PNG."),
     probes: Optional[str] = typer.Option(
         None, "--probes",
-        help="trained (default): the probes trained with the run. refit: fit the cluster probe "
-             "(seeded spherical k-means) and the linear probe on the training split's code of "
-             "the evaluated model exactly like the frozen baseline does, so trained vs baseline "
-             "compares representations with identical probe fitting; writes eval/<name>-refit/. "
+        help="refit (default): fit the cluster probe (seeded spherical k-means) and a linear "
+             "probe fitted to convergence on the training split's code of the evaluated model, "
+             "exactly like the frozen baseline, so trained vs frozen compares representations. "
+             "trained: the probes trained alongside the network (eval/<run>-<ckpt>-trained-probes/). "
              "No effect with --baseline frozen (it always fits)."),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint",
+        help="best (default): selected during training on held-out training images; last; or "
+             "labelfree: chosen by the label-free rank rule. Writes eval/<run>-<checkpoint>/."),
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
 ):
@@ -206,7 +245,7 @@ def evaluate(
 
     cfg = _resolve(C.EvalConfig, "eval", preset, config, out=out, trained=trained,
                    baseline=baseline, crf=crf, workers=workers, n_show=n_show, probes=probes,
-                   device=device, seed=seed)
+                   checkpoint=checkpoint, device=device, seed=seed)
     stage.run(cfg)
 
 

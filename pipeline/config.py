@@ -133,6 +133,8 @@ class FeaturesConfig:
 
 
 CRITERIA = ("ppap", "p0", "hp", "kmeans")
+SELECT_METRICS = ("cluster_miou", "linear_miou", "labelfree")
+CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ class MineConfig:
     anchors_per_image: str = "1/4"  # fraction of each crop's patches used as anchors, or 'all'
     epochs: int = 1  # number of batch plans (one seeded permutation per planned epoch)
     seed: int = 0
+    # fraction of training source images (whole images, seeded by `seed`) kept out of mining
+    # and training; `train` scores checkpoints on them to select without the evaluation split
+    holdout: float = 0.1
     hp_pool_size: int = 2048  # HP criterion reference pool size R
     kmeans_k: int | None = None  # k-means criterion cluster count (default: number of classes)
     backend: str = "faiss"  # faiss | torch
@@ -179,6 +184,9 @@ class MineConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         parse_fraction(self.anchors_per_image)
+        if not (0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout={self.holdout} must lie in [0, 1): the fraction of training "
+                             "images kept out of mining for selection (0 = none)")
         if self.backend not in ("faiss", "torch"):
             raise ValueError(f"backend={self.backend!r}: choose 'faiss' or 'torch'")
         if not (0 < self.band < 0.01):
@@ -216,6 +224,14 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA only; ignored on CPU
     ckpt_every: int = 50  # steps between checkpoints (and at each epoch end)
     max_steps: int | None = None  # stop early (quick tries)
+    # held-out fraction of training images: fixed when mining (None = that of the mined sets;
+    # another value is refused)
+    holdout: float | None = None
+    select_every: int = 25  # steps between scorings on the held-out images (0 = never)
+    select_metric: str = "cluster_miou"  # best.pt: cluster_miou | linear_miou | labelfree
+    rank_floor: float = 0.9  # label-free rule: stop before held-out rank < rank_floor x frozen
+    collapse_ratio: float = 0.5  # warn when effective rank < this x the frozen features'
+    amb_weight: float = 0.0  # loss variant: ambiguous rows as weak negatives (0 = Eq. 8)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -232,11 +248,50 @@ class TrainConfig:
         for name in ("anchor_chunk", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.holdout is not None and not (0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout={self.holdout} must lie in [0, 1) (it must match the mined sets)")
+        if self.select_every < 0:
+            raise ValueError(f"select_every={self.select_every} must be >= 0 (0 = no selection)")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r}: choose one of "
+                             f"{', '.join(SELECT_METRICS)}")
+        for name in ("rank_floor", "collapse_ratio"):
+            if not (0.0 < getattr(self, name) <= 1.0):
+                raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1]")
+        if not (0.0 <= self.amb_weight <= 1.0):
+            raise ValueError(f"amb_weight={self.amb_weight} must lie in [0, 1] (0 = Eq. 8)")
         _check_device(self.device)
 
     @property
     def run_name(self) -> str:
         return self.name or self.mined
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`sweep-train`: a grid of training runs scored on the held-out training images only."""
+
+    out: str = "data_cache/demo"
+    mined: str = "ppap"  # base mined sets; mining-threshold grids derive `<mined>-<label>`
+    name: str = "sweep"  # runs are train/<name>-<label>/, the report sweep/<name>/
+    grid: tuple[str, ...] = ()  # NAME=V1,V2 or NAME=START:STOP:STEP, one per swept option
+    fixed: tuple[str, ...] = ()  # NAME=VALUE training options shared by every run
+    preset: str | None = None  # training preset under the grid (lr, tau, ... defaults)
+    config: str | None = None  # config file under the grid
+    epochs: int | None = None
+    max_steps: int | None = None
+    select_every: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError("grid=(): give at least one --grid NAME=V1,V2 (e.g. --grid tau=0.1,0.2)")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r} must be a non-empty directory name")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps={self.max_steps} must be positive")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -249,7 +304,10 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     n_show: int = 6  # images in the prediction grid
-    probes: str = "trained"  # trained | refit (fit k-means + linear probe on the run's code)
+    # refit: k-means + a converged linear probe fitted on the run's training-split code, exactly
+    # like the frozen baseline (measures the representation); trained: the probes trained with it
+    probes: str = "refit"
+    checkpoint: str = "best"  # best (selected on held-out training images) | last | labelfree
 
     def __post_init__(self) -> None:
         if self.baseline not in ("none", "frozen"):
@@ -257,6 +315,8 @@ class EvalConfig:
         if self.probes not in ("trained", "refit"):
             raise ValueError(f"probes={self.probes!r}: choose 'trained' (the probes saved with the "
                              "run) or 'refit' (fitted on its training-split code like the baseline)")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must be >= 0")
         _check_device(self.device)
@@ -309,6 +369,7 @@ STAGE_CONFIGS = {
     "eval": EvalConfig,
     "audit": AuditConfig,
     "show": ShowConfig,
+    "sweep-train": SweepConfig,
 }
 
 
@@ -356,7 +417,7 @@ def resolve(
         merged.update({k: v for k, v in flat.items() if k in names})
         merged.update({k: v for k, v in section.items() if k in names})
     merged.update({k: v for k, v in overrides.items() if v is not None and k in names})
-    for k in ("splits", "mined", "sweep", "anchors"):
+    for k in ("splits", "mined", "sweep", "anchors", "grid", "fixed"):
         if k in merged and isinstance(merged[k], list):
             merged[k] = tuple(merged[k])
     return cls(**merged)

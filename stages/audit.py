@@ -98,7 +98,8 @@ def load_run(out: Path, name: str, epoch: int, store: FeatureStore) -> MinedRun:
 def _plan_identity(run: MinedRun) -> dict[str, Any]:
     c = run.config
     frac = C.parse_fraction(c["anchors_per_image"]) if "anchors_per_image" in c else None
-    return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac}
+    return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac,
+            "holdout": c.get("holdout", 0.0)}
 
 
 def check_compatible(runs: Sequence[MinedRun]) -> None:
@@ -111,7 +112,7 @@ def check_compatible(runs: Sequence[MinedRun]) -> None:
             raise ValueError(
                 f"mined runs {first.name!r} and {r.name!r} were mined on different batches/anchors ("
                 + "; ".join(diffs) + "); audit them separately or re-mine with the same "
-                "--seed, --batch-size and --anchors-per-image"
+                "--seed, --batch-size, --anchors-per-image and --holdout"
             )
 
 
@@ -156,16 +157,16 @@ def _plan_from_shards(cfg: C.AuditConfig, runs: Sequence[MinedRun]) -> list[Plan
 def _plan_from_batching(cfg: C.AuditConfig, store: FeatureStore, base: C.MineConfig) -> list[PlannedBatch]:
     """The batches the mine stage would make with `base` (used when no mined run is given)."""
     from pipeline.batching import anchor_rows
-    from stages.mine import batch_images
+    from stages.mine import batch_images, train_items
 
-    n_items = int(np.count_nonzero(store.split("train")["valid"][:]))
+    base = dataclasses.replace(base, out=str(store.out))
+    n_items = len(train_items(base))
     if n_items == 0:
         raise ValueError(f"the feature cache {store.path} has no finished training crops; "
                          "rerun `ppap-pipe features`")
     if base.batch_size > n_items:
         log.info("sweep: batch_size %d > %d training crops; using %d", base.batch_size, n_items, n_items)
         base = dataclasses.replace(base, batch_size=n_items)
-    base = dataclasses.replace(base, out=str(store.out))
     h, w = store.grid("train")
     out = []
     for k in range(min(cfg.batches, -(-n_items // base.batch_size))):

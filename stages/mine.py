@@ -40,10 +40,22 @@ def _store(out: str) -> FeatureStore:
     return FeatureStore(out)
 
 
-@functools.lru_cache(maxsize=2)
-def _items(out: str) -> np.ndarray:
-    """Training crops that were written from readable images (the mining population)."""
-    return np.flatnonzero(_store(out).split("train")["valid"][:]).astype(np.int64)
+@functools.lru_cache(maxsize=4)
+def _split(out: str, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mining population, held-out crops) of the training split: valid crops minus the crops
+    of the seeded held-out source images (pipeline.batching.holdout_split)."""
+    g = _store(out).split("train")
+    return batching.holdout_split(seed, g["image_index"][:], g["valid"][:], holdout)
+
+
+def train_items(cfg: C.MineConfig) -> np.ndarray:
+    """Training crops that may be mined: readable, and not held out for selection."""
+    return _split(cfg.out, cfg.seed, cfg.holdout)[0]
+
+
+def holdout_items(cfg: C.MineConfig) -> np.ndarray:
+    """Crops of the held-out source images (never mined, never trained on)."""
+    return _split(cfg.out, cfg.seed, cfg.holdout)[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,7 +65,7 @@ def _plan(seed: int, epoch: int, n_items: int, batch_size: int) -> list[np.ndarr
 
 def batch_images(cfg: C.MineConfig, epoch: int, batch: int) -> np.ndarray:
     """Crop indices (into the cache's train split) of batch `batch` of plan `epoch`."""
-    items = _items(cfg.out)
+    items = train_items(cfg)
     return items[_plan(cfg.seed, epoch, len(items), cfg.batch_size)[batch]]
 
 
@@ -70,6 +82,7 @@ def _identity(cfg: C.MineConfig, store: FeatureStore) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "anchor_fraction": cfg.anchor_fraction,
         "seed": cfg.seed,
+        "holdout": cfg.holdout,
         "backend": cfg.backend,
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
     }
@@ -119,8 +132,8 @@ def _rows(store: FeatureStore, crops: np.ndarray, patches: np.ndarray) -> np.nda
 
 
 def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path) -> dict[str, Any]:
-    """HP pool or k-means centroids: drawn once (seeded) from the training split, saved."""
-    items = _items(cfg.out)
+    """HP pool or k-means centroids: drawn once (seeded) from the mined crops, saved."""
+    items = train_items(cfg)
     h, w = store.grid("train")
     if cfg.criterion == "hp":
         path = directory / "hp_pool.npy"
@@ -182,15 +195,20 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
     store = _store(cfg.out)
     directory = mine_dir(cfg.out, cfg.run_name)
-    items = _items(cfg.out)
+    items = train_items(cfg)
+    if len(items) == 0:
+        raise ValueError(f"{store.path} holds no readable training crop to mine; rerun "
+                         "`ppap-pipe features` (see features_report.json)")
     if cfg.batch_size > len(items):
         raise ValueError(
-            f"batch_size={cfg.batch_size} is larger than the {len(items)} training crops in "
-            f"{store.path}; use --batch-size {len(items)} or less"
+            f"batch_size={cfg.batch_size} is larger than the {len(items)} training crops left to "
+            f"mine in {store.path} (holdout={cfg.holdout}); use --batch-size {len(items)} or less"
         )
-    log.info("mine %s: criterion=%s epochs=%d batch=%d anchors/img=%s backend=%s device=%s seed=%d",
-             cfg.run_name, cfg.criterion, cfg.epochs, cfg.batch_size, cfg.anchors_per_image,
-             cfg.backend, cfg.device, cfg.seed)
+    held = holdout_items(cfg)
+    log.info("mine %s: criterion=%s epochs=%d batch=%d anchors/img=%s backend=%s device=%s seed=%d "
+             "holdout=%s (%d crops kept out for selection)", cfg.run_name, cfg.criterion,
+             cfg.epochs, cfg.batch_size, cfg.anchors_per_image, cfg.backend, cfg.device, cfg.seed,
+             cfg.holdout, len(held))
     check_or_write_manifest(directory / "manifest.json", _identity(cfg, store),
                             extra={"config": C.to_dict(cfg)}, what="mined-set directory")
     atomic_write_json(directory / "config.json", C.to_dict(cfg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,16 +26,22 @@ import numpy as np
 import torch
 
 from pipeline import config as C
-from pipeline.executor import StageInterrupted
+from pipeline.executor import StageInterrupted, timed
 from pipeline.featstore import FeatureStore, take_rows
 from pipeline.loss import ppap_loss
 from pipeline.model import CKPT_FORMAT, build_model
+from pipeline.probes import code_stats, spherical_kmeans
+from pipeline.selection import Holdout, best_choice, labelfree_choice
 from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version, read_json
 
 log = logging.getLogger("ppap.train")
 
 # Settings that do not change the trained weights: a rerun may change them freely.
-_NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "device")
+_NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "device", "holdout",
+                 "collapse_ratio")
+CLUSTER_INIT_ROWS = 50_000  # patches for the k-means initialisation of the cluster probe
+_TAG_CLUSTER_INIT = 0x434C4900  # "CLI": sampling stream of that initialisation
+_SELECT_KEYS = ("cluster_miou", "linear_miou", "erank", "top3_share", "mean_cos", "train_loss")
 
 # Max relative L2 error and min cosine between cached feats and the branch's initial code.
 # fp16 storage of tokens and feats gives ~3e-4 (DINOv2 ViT-S on CamVid, tiny random ViT);
@@ -55,6 +62,8 @@ class MinedRun:
     dir: Path
     fingerprint: str  # hash of its manifest identity
     plans: list[list[Path]]  # shard paths per batch plan, in batch order
+    holdout: float = 0.0  # fraction of source images the mining kept out
+    holdout_crops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_plans(self) -> int:
@@ -83,12 +92,16 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
         )
     n_plans = int(shards.n_epochs(mine_dir))
     want_plans = want_batches = None
+    holdout, held = 0.0, np.zeros(0, np.int64)
     if (mine_dir / "config.json").is_file():  # what the mine stage was asked to produce
         mcfg = read_json(mine_dir / "config.json")
         g = store.split("train")
-        n_items = int(np.count_nonzero(g["valid"][:])) if "valid" in g else store.n("train")
+        holdout = float(mcfg.get("holdout", 0.0))
+        valid = g["valid"][:] if "valid" in g else np.ones(store.n("train"), np.uint8)
+        index = g["image_index"][:] if "image_index" in g else np.arange(store.n("train"))
+        items, held = batching.holdout_split(int(mcfg["seed"]), index, valid, holdout)
         want_plans = int(mcfg["epochs"])
-        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, n_items,
+        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, len(items),
                                                int(mcfg["batch_size"])))
     if n_plans == 0 or (want_plans is not None and n_plans < want_plans):
         raise ValueError(f"mining in {mine_dir} is unfinished ({n_plans} of "
@@ -102,7 +115,7 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
             raise ValueError(f"mining in {mine_dir} is unfinished (plan {e} has {len(paths)} of "
                              f"{n} batches, or a gap); {rerun}")
         plans.append(paths)
-    return MinedRun(mine_dir, C.config_hash(identity), plans)
+    return MinedRun(mine_dir, C.config_hash(identity), plans, holdout, held)
 
 
 def load_frozen_backbone(manifest: dict[str, Any]):
@@ -191,12 +204,13 @@ def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig):
 @torch.enable_grad()  # callers (or an earlier stage in this process) may have disabled it
 def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, anchors, sets,
                cfg: C.TrainConfig, amp: bool = False) -> dict[str, Any]:
-    """One optimisation step on one batch; returns its losses and set sizes.
+    """One optimisation step on one batch; returns its losses, set sizes and code statistics.
 
     models = (branch, linear or None, cluster), opts = their optimisers (same order); `tokens`
     (B, 1+h*w, D) float32 mid tokens; `labels` (B, S, S) int64 or None; `anchors`/`sets`: the
     shard's anchor rows and recovered CSR sets. Probes learn from code.detach() only; the
-    gradient norm of the network is clipped to cfg.grad_clip.
+    gradient norm of the network is clipped to cfg.grad_clip. `erank`/`top3_share`/`mean_cos`
+    describe the batch's code before the update (pipeline.probes.code_stats).
     """
     branch, linear, cluster = models
     with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
@@ -204,6 +218,7 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
     loss, stats = ppap_loss(
         z, anchors, sets.pos_indptr, sets.pos_indices, sets.amb_indptr, sets.amb_indices,
         tau=cfg.tau, parity_factor=cfg.parity_factor, chunk=cfg.anchor_chunk,
+        amb_weight=cfg.amb_weight,
     )
     feats = code.detach().float()
     lin_loss = linear.loss(feats, labels) if linear is not None and labels is not None else None
@@ -217,6 +232,7 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
     for opt in opts:
         if opt is not None:
             opt.step()
+    cstats = code_stats(feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]))
     return {
         "loss": float(loss.detach()),
         "linear_loss": float(lin_loss.detach()) if lin_loss is not None else None,
@@ -224,7 +240,37 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
         "grad_norm": float(grad_norm),
         "mean_pos": stats.mean_pos, "mean_neg": stats.mean_neg, "mean_amb": stats.mean_amb,
         "anchors_used": stats.anchors_used,
+        **cstats.as_dict(),
     }
+
+
+def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: int) -> int:
+    """Centroids <- spherical k-means of the frozen training code (= the branch's initial code)
+    on a seeded sample of at most CLUSTER_INIT_ROWS patches of `crops`; returns rows used."""
+    from pipeline.batching import sample_patches
+    from pipeline.featstore import normalise
+
+    h, w = store.grid("train")
+    n = min(CLUSTER_INIT_ROWS, len(crops) * h * w)
+    imgs, patches = sample_patches(seed, len(crops), h * w, n, tag=_TAG_CLUSTER_INIT)
+    feats = store.split("train")["feats"]
+    uniq, inv = np.unique(crops[imgs], return_inverse=True)
+    rows = normalise(feats.get_orthogonal_selection((uniq, slice(None), slice(None)))[inv, patches])
+    cent = spherical_kmeans(rows, cluster.n_clusters, seed)
+    with torch.no_grad():
+        cluster.centroids.copy_(torch.from_numpy(cent).to(cluster.centroids.device))
+    return n
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
 
 
 def run(cfg: C.TrainConfig) -> dict[str, Any]:
@@ -235,6 +281,13 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     store = FeatureStore(out)
     mined = mined_run(out, cfg.mined, store)
+    if cfg.holdout is not None and abs(cfg.holdout - mined.holdout) > 1e-12:
+        raise ValueError(
+            f"holdout={cfg.holdout}, but the mined sets {mined.dir} keep out holdout="
+            f"{mined.holdout} of the training images; the holdout is fixed when mining (it decides "
+            f"which crops form the batches): mine again with `ppap-pipe mine --holdout {cfg.holdout}"
+            f" --name NAME` and train on that, or drop --holdout"
+        )
     n_plans = mined.n_plans
     run_dir = out / "train" / cfg.run_name
     dev = _device(cfg)
@@ -254,10 +307,27 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     log.info("train: branch reproduces the cache (rel err %.2g, min cos %.5f)", repro["rel_err"],
              repro["min_cos"])
 
+    # selection on the held-out training images (never on the evaluation split)
+    holdout = None
+    select_metric = cfg.select_metric
+    if cfg.select_every > 0:
+        if len(mined.holdout_crops) == 0:
+            log.warning("train: the mined sets %s keep no held-out images (mined with holdout=%s), "
+                        "so there is no selection and no best.pt; mine with --holdout 0.1 to get "
+                        "them", mined.dir, mined.holdout)
+        else:
+            holdout = Holdout.load(store, mined.holdout_crops)
+            if holdout.patch_labels is None and select_metric != "labelfree":
+                log.info("train: the cache has no labels; selecting with the label-free rule")
+                select_metric = "labelfree"
+            log.info("train: selection every %d steps on %d held-out crops of %d source images "
+                     "(metric %s)", cfg.select_every, len(holdout.crops), holdout.n_images,
+                     select_metric)
+
     cfg_dict = C.to_dict(cfg)
     identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
-                    mined_plans=[len(p) for p in mined.plans])
+                    mined_plans=[len(p) for p in mined.plans], holdout=mined.holdout)
     check_or_write_manifest(run_dir / "manifest.json", identity, what="training run")
     atomic_write_json(run_dir / "config.json", cfg_dict)
 
@@ -274,6 +344,7 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     }
     ckpt_path = run_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
+    select_path = run_dir / "selection.jsonl"
     step, epoch, batch, finished = 0, 0, 0, False
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
@@ -290,9 +361,16 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
         step, epoch, batch, finished = ck["step"], ck["epoch"], ck["batch"], ck["finished"]
         log.info("train: resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step,
                  epoch, batch)
+    else:
+        train_crops = np.setdiff1d(
+            np.flatnonzero(store.split("train")["valid"][:]), mined.holdout_crops)
+        with timed("train: cluster probe <- spherical k-means of the initial code", log):
+            init_cluster_probe(cluster, store, train_crops, cfg.seed)
     _truncate_metrics(metrics_path, step)
+    _truncate_metrics(select_path, step)
+    records = _read_jsonl(select_path)
 
-    def save(finished_now: bool) -> None:
+    def save(path: Path, finished_now: bool, selection: dict[str, Any] | None = None) -> None:
         _atomic_torch_save({
             "format": CKPT_FORMAT,
             "branch": branch.state_dict(),
@@ -304,8 +382,45 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
             "step": step, "epoch": epoch, "batch": batch, "finished": finished_now,
             "config": cfg_dict, "model": meta,
             "features_fingerprint": store.fingerprint, "mined_fingerprint": mined.fingerprint,
-            "code_version": version,
-        }, ckpt_path)
+            "code_version": version, "selection": selection,
+        }, path)
+
+    recent_losses: list[float] = []
+    warned = {"collapse": False}
+
+    def select_point(finished_now: bool) -> None:
+        """Score the held-out images now; keep best.pt / labelfree.pt; record the point."""
+        if holdout is None or (records and records[-1]["step"] == step):
+            return
+        t0 = time.perf_counter()
+        rec = {"step": step, "epoch": epoch, "batch": batch, **holdout.score(branch, cfg.seed),
+               "train_loss": (round(float(np.mean(recent_losses)), 5) if recent_losses else None)}
+        rec["erank_ratio"] = round(rec["erank"] / records[0]["erank"], 4) if records else 1.0
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        recent_losses.clear()
+        records.append(rec)
+        if records and rec["erank_ratio"] < cfg.collapse_ratio:
+            log.warning("train: held-out code is collapsing at step %d: effective rank %.2f is "
+                        "%.0f%% of the frozen %.2f (top-3 PCs hold %.0f%% of the variance); lower "
+                        "--lr, lower --tau, or select an earlier checkpoint", step, rec["erank"],
+                        100 * rec["erank_ratio"], records[0]["erank"], 100 * rec["top3_share"])
+        best_i = (labelfree_choice(records, cfg.rank_floor) if select_metric == "labelfree"
+                  else best_choice(records, select_metric))
+        lf_i = labelfree_choice(records, cfg.rank_floor)
+        rec["is_best"] = best_i == len(records) - 1
+        rec["is_labelfree"] = lf_i == len(records) - 1
+        where = {"holdout": mined.holdout, "holdout_crops": int(len(holdout.crops)),
+                 "holdout_images": holdout.n_images}
+        if rec["is_best"]:
+            save(run_dir / "best.pt", finished_now, {**rec, **where, "metric": select_metric})
+        if rec["is_labelfree"]:
+            save(run_dir / "labelfree.pt", finished_now,
+                 {**rec, **where, "metric": "labelfree", "rank_floor": cfg.rank_floor})
+        _append_jsonl(select_path, rec)
+        shown = {k: rec[k] for k in ("cluster_miou", "linear_miou", "erank") if k in rec}
+        log.info("train: held-out at step %d: %s%s", step,
+                 " ".join(f"{k} {v:.2f}" for k, v in shown.items()),
+                 " (best so far)" if rec["is_best"] else "")
 
     plans = mined.plans
     total = sum(len(plans[e % n_plans]) for e in range(cfg.epochs))
@@ -318,6 +433,9 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
 
     from tqdm import tqdm
 
+    if step == 0 and holdout is not None:
+        with timed("train: scoring the frozen features on the held-out images (step 0)", log):
+            select_point(False)
     bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", dynamic_ncols=True)
     last_loss = None
     t_loop = time.perf_counter()
@@ -334,32 +452,48 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
                 tokens = torch.from_numpy(_gather(tokens_arr, images).astype(np.float32)).to(dev)
                 labels = (torch.from_numpy(_gather(labels_arr, images).astype(np.int64)).to(dev)
                           if linear is not None else None)
-                sets = shards.recover_sets(shard, store.mining_features(images))
+                F = store.mining_features(images)
+                sets = shards.recover_sets(shard, F)
                 res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                frozen = code_stats(F)
+                res["erank_frozen"] = round(frozen.erank, 4)
                 step += 1
                 batch += 1
                 steps_here += 1
                 last_loss = res["loss"]
+                recent_losses.append(last_loss)
                 rec = {"step": step, "epoch": epoch, "batch": batch - 1, "plan": epoch % n_plans,
                        **res, "time": round(time.perf_counter() - t0, 4),
                        "elapsed": round(time.perf_counter() - t_start, 3)}
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                if res["erank"] < cfg.collapse_ratio * frozen.erank and not warned["collapse"]:
+                    warned["collapse"] = True
+                    log.warning("train: code is collapsing at step %d: effective rank %.2f vs "
+                                "%.2f for the frozen features of the same batch (top-3 PCs hold "
+                                "%.0f%% of the variance); lower --lr or --tau", step, res["erank"],
+                                frozen.erank, 100 * res["top3_share"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", P=f"{res['mean_pos']:.0f}",
-                                N=f"{res['mean_neg']:.0f}",
+                                rank=f"{res['erank']:.1f}",
                                 sps=f"{steps_here / (time.perf_counter() - t_loop):.2f}")
-                if step % cfg.ckpt_every == 0 and batch < len(paths):
-                    save(False)
+                at_select = holdout is not None and step % cfg.select_every == 0
+                if at_select:
+                    select_point(False)
+                if (step % cfg.ckpt_every == 0 or at_select) and batch < len(paths):
+                    save(ckpt_path, False)
             if batch < len(paths):  # stopped by max_steps inside the epoch
                 break
             epoch, batch = epoch + 1, 0
             finished = epoch >= cfg.epochs
-            save(finished)
+            if finished:
+                select_point(True)
+            save(ckpt_path, finished)
             log.info("train: epoch %d done at step %d (loss %.4f)", epoch - 1, step,
                      last_loss if last_loss is not None else float("nan"))
         if not finished:
-            save(False)
+            select_point(False)
+            save(ckpt_path, False)
     except KeyboardInterrupt:
         raise StageInterrupted(
             f"training interrupted at step {step}; rerun the same command to resume from the last "
@@ -375,5 +509,19 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
         "steps_this_run": steps_here, "epoch": epoch, "batch": batch, "finished": finished,
         "final_loss": last_loss, "seconds": round(time.perf_counter() - t_start, 2),
     }
+    if records:
+        bi = (labelfree_choice(records, cfg.rank_floor) if select_metric == "labelfree"
+              else best_choice(records, select_metric))
+        li = labelfree_choice(records, cfg.rank_floor)
+        summary["selection"] = {
+            "metric": select_metric, "points": len(records), "holdout": mined.holdout,
+            "holdout_crops": int(len(holdout.crops)), "holdout_images": holdout.n_images,
+            "best_step": records[bi]["step"] if bi is not None else None,
+            "best": {k: records[bi].get(k) for k in _SELECT_KEYS} if bi is not None else None,
+            "labelfree_step": records[li]["step"] if li is not None else None,
+            "labelfree": {k: records[li].get(k) for k in _SELECT_KEYS} if li is not None else None,
+            "frozen": {k: records[0].get(k) for k in _SELECT_KEYS},
+        }
+        atomic_write_json(run_dir / "selection.json", summary["selection"])
     log.info("train: %s", json.dumps(summary))
     return summary
