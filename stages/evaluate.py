@@ -36,13 +36,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from tqdm import tqdm
-
 from pipeline import config as C
 from pipeline import crf as crf_mod
 from pipeline import metrics as M
-from pipeline.executor import timed
+from pipeline.executor import progress, timed
 from pipeline.featstore import FeatureStore, normalise
+from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
 from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
 from pipeline.viz import colourise, palette
 
@@ -91,7 +90,9 @@ def frozen_source(store: FeatureStore) -> CodeSource:
     feats = store.split(FIT_SPLIT)["feats"]
 
     def read(idx: np.ndarray) -> np.ndarray:
-        return feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        data = feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        store.require_finite(FIT_SPLIT, "feats", idx, data)
+        return data
 
     return CodeSource("frozen features", feats.dtype.itemsize, read)
 
@@ -106,7 +107,9 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
         with torch.no_grad():
             for s in range(0, len(idx), BATCH):
                 sel = (idx[s:s + BATCH], slice(None), slice(None))
-                t = torch.from_numpy(tokens.get_orthogonal_selection(sel)).to(device, torch.float32)
+                raw = tokens.get_orthogonal_selection(sel)
+                store.require_finite(FIT_SPLIT, "tokens", idx[s:s + BATCH], raw)
+                t = torch.from_numpy(raw).to(device, torch.float32)
                 code = branch.encode(t, grid).float()  # (b, D, h, w)
                 out[s:s + len(t)] = code.flatten(2).transpose(1, 2).cpu().numpy()
         return out
@@ -237,8 +240,8 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     rng = np.random.default_rng([seed, 2])
     epochs = PROBE_EPOCHS
     steps = epochs * sum(-(-len(b) // PROBE_BATCH) for b in blocks)
-    with torch.enable_grad(), tqdm(total=steps, desc=f"linear probe on {source.name}", unit="step",
-                                   dynamic_ncols=True) as bar:
+    with torch.enable_grad(), progress(total=steps, desc=f"linear probe on {source.name}",
+                                       unit="step") as bar:
         for _ in range(epochs):
             for bi in rng.permutation(len(blocks)):
                 feats, labels = read(int(bi))
@@ -325,7 +328,7 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     pool = crf_mod.CRFPool(cfg.workers) if cfg.crf else None
     window = 2 * pool.workers if pool else 0
     pending: dict[int, Future] = {}
-    crf_bar = tqdm(total=len(rows), desc="crf", unit="img", dynamic_ncols=True, disable=pool is None)
+    crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)
     labels_of: dict[int, np.ndarray] = {}
 
     def collect(pos: int) -> None:
@@ -338,12 +341,13 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
         crf_bar.update(1)
 
     try:
-        with torch.no_grad(), tqdm(total=len(rows), desc=f"eval {probes.name}", unit="img",
-                                   dynamic_ncols=True) as bar:
+        with torch.no_grad(), progress(total=len(rows), desc=f"eval {probes.name}",
+                                       unit="img") as bar:
             for b0 in range(0, len(rows), BATCH):
                 idx = rows[b0:b0 + BATCH]
                 sel = (idx, *([slice(None)] * 2))
                 batch = {key: g[key].get_orthogonal_selection(sel)}
+                store.require_finite(EVAL_SPLIT, key, idx, batch[key])
                 labels = g["labels"].get_orthogonal_selection(sel).astype(np.int64)
                 rgb = g["rgb"].get_orthogonal_selection((idx, *([slice(None)] * 3)))
                 code = probes.code(batch)
@@ -476,10 +480,12 @@ def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- entry point
 
 
+@releases_locks
 def run(cfg: C.EvalConfig) -> dict[str, Any]:
     """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`
     (`<name>-refit/` for a trained run with `probes="refit"`)."""
     t0 = time.perf_counter()
+    require_device(cfg.device)
     if cfg.baseline == "none" and not cfg.trained:
         raise ValueError("give --trained NAME (a run under out/train/) or --baseline frozen")
     store = FeatureStore(cfg.out)
@@ -513,7 +519,8 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
         "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    dest.mkdir(parents=True, exist_ok=True)
+    hold_lock(dest, "evaluation")  # the run it reads needs no lock
+    clean_orphans(dest)
     atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
     if fitted:  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()
