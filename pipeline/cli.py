@@ -5,6 +5,7 @@ Resolution: defaults <- --preset <- --config FILE <- flags given on the command 
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import List, Optional
@@ -39,13 +40,28 @@ def _default_out(preset: Optional[str], out: Optional[str]) -> Optional[str]:
     return f"data_cache/{preset or 'demo'}"
 
 
+class _TerminalHandler(logging.StreamHandler):
+    """On a terminal, log lines go through tqdm.write: live bars are cleared and redrawn around
+    them instead of being glued to them (log files get whole-line progress, executor.progress)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    stream = sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    handler = _TerminalHandler(stream) if tty else logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s",
+                                           datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if not verbose:  # faiss logs which SIMD build it probes for at import (not our business)
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _resolve(cls, stage: str, preset, config, **flags):
@@ -301,10 +317,21 @@ def main() -> None:
     """Entry point: clear one-line errors for bad input, exit code 2."""
     from pipeline.executor import StageInterrupted
 
+    from pipeline.integrity import disk_full, is_disk_full
+
     try:
         app()
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # not caught where it happened: still name the path, no traceback
+        if is_disk_full(exc):
+            typer.echo(f"error: {disk_full(exc.filename or '.')}", err=True)
+        elif isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            typer.echo(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}; "
+                       "use an --out you can write to", err=True)
+        else:
+            raise
         sys.exit(2)
     except (StageInterrupted, KeyboardInterrupt) as exc:
         typer.echo(f"interrupted: {exc or 'finished units are kept; rerun the same command to resume'}", err=True)

@@ -378,16 +378,92 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist; pass an existing .toml or .json file")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {str(p)!r} is not a text file; pass a .toml or .json file") from None
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
     else:
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of option names to values")
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    unknown = sorted(set(tables) - set(STAGE_CONFIGS))
+    if unknown:
+        raise ValueError(
+            f"config file {str(p)!r} has unknown table(s) {['[' + t + ']' for t in unknown]}; "
+            f"tables are named after stages: {', '.join('[' + t + ']' for t in STAGE_CONFIGS)}")
+    for stage, table in tables.items():
+        names = {f.name for f in fields(STAGE_CONFIGS[stage])}
+        bad = sorted(set(table) - names)
+        if bad:
+            raise ValueError(
+                f"config file {str(p)!r}: [{stage}] has unknown option(s) {bad}; "
+                f"see `ppap-pipe {stage} --help` for the names")
     return data
+
+
+def _type_error(cls: type, name: str, value: Any, want: str) -> ValueError:
+    return ValueError(f"{name}={value!r} ({type(value).__name__}) is not a valid value for "
+                      f"{cls.__name__}.{name}: expected {want}")
+
+
+def check_types(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values for `cls` with their declared types (ints stay ints, '0.5' is not a float, ...).
+
+    Integral floats (3.0) pass as ints and ints as floats; lists become tuples; anything else of
+    the wrong type raises ValueError naming the option, the value and the expected type.
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = [a for a in args if a is not type(None)] if optional else [hint]
+        if value is None:
+            if not optional:
+                raise _type_error(cls, name, value, getattr(base[0], "__name__", str(base[0])))
+            continue
+        t = base[0]
+        origin = typing.get_origin(t)
+        if origin is tuple:
+            inner = typing.get_args(t)[0]
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, inner) and not isinstance(v, bool) for v in value):
+                raise _type_error(cls, name, value, f"a list of {inner.__name__}")
+            out[name] = tuple(value)
+        elif t is bool:
+            if not isinstance(value, bool):
+                raise _type_error(cls, name, value, "true or false")
+        elif t is int:
+            if isinstance(value, float) and value.is_integer():
+                value = out[name] = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _type_error(cls, name, value, "an integer")
+        elif t is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _type_error(cls, name, value, "a number")
+            out[name] = float(value)
+        elif t is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = str(value)  # e.g. anchors_per_image = 0.25
+            elif not isinstance(value, str):
+                raise _type_error(cls, name, value, "a string")
+    return out
 
 
 def resolve(
@@ -414,13 +490,18 @@ def resolve(
                 f"config file {str(config_file)!r} has unknown option(s) {sorted(unknown)}; "
                 "see `ppap-pipe <stage> --help` for the names"
             )
-        merged.update({k: v for k, v in flat.items() if k in names})
-        merged.update({k: v for k, v in section.items() if k in names})
+        from_file = {**{k: v for k, v in flat.items() if k in names},
+                     **{k: v for k, v in section.items() if k in names}}
+        try:
+            check_types(cls, from_file)
+        except ValueError as exc:
+            raise ValueError(f"config file {str(config_file)!r}: {exc}") from None
+        merged.update(from_file)
     merged.update({k: v for k, v in overrides.items() if v is not None and k in names})
     for k in ("splits", "mined", "sweep", "anchors", "grid", "fixed"):
         if k in merged and isinstance(merged[k], list):
             merged[k] = tuple(merged[k])
-    return cls(**merged)
+    return cls(**check_types(cls, merged))
 
 
 def _all_option_names() -> set[str]:

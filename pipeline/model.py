@@ -26,6 +26,8 @@ Checkpoint keys (written by stages/train.py, read by `load_trained`):
     model               {backbone, weights, backbone_seed, weights_fingerprint, patch_size,
                          embed_dim, grid [h, w], num_classes, n_clusters, has_labels, class_names}
     features_fingerprint, mined_fingerprint, code_version
+The file's sha256 is kept beside it in `<checkpoint>.sha256` (pipeline.integrity.write_checked);
+`read_checkpoint` verifies it and refuses non-finite weights.
 """
 
 from __future__ import annotations
@@ -191,6 +193,33 @@ def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
     return tuple(m.to(device) if m is not None else None for m in mods)
 
 
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str | None = None) -> Any:
+    """torch.load of a checkpoint after verifying its checksum; clear errors for bad files.
+
+    A checkpoint without a `.sha256` sidecar (older ppap-pipe) is loaded with a warning. Any
+    NaN/Inf among its tensors is refused (a run that diverged).
+    """
+    import io
+
+    from pipeline.integrity import CorruptArtifact, NonFinite, read_checked
+
+    path = Path(path)
+    fix = fix or "retrain (rerun `ppap-pipe train`, into a new --name if needed)"
+    data = read_checked(path, what="checkpoint", fix=fix)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CorruptArtifact(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc)[:120]}; {len(data)} bytes, cut off?); {fix}") from None
+    if isinstance(ckpt, dict):
+        for key in ("branch", "linear_probe", "cluster_probe"):
+            for name, t in (ckpt.get(key) or {}).items():
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFinite(f"{path} holds NaN/Inf weights ({key}.{name}): the run "
+                                    f"diverged or the file is damaged; {fix}")
+    return ckpt
+
+
 def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     """(branch, linear_probe or None, cluster_probe, cfg) from a training checkpoint, in eval mode.
 
@@ -201,11 +230,8 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}; run `ppap-pipe train` first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
-                         "rerun `ppap-pipe train` into a new --name") from None
+    ckpt = read_checkpoint(path, "cpu", fix="retrain it (rerun `ppap-pipe train` with the same "
+                                            "settings after deleting it, or into a new --name)")
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != CKPT_FORMAT:
         raise ValueError(f"{path} is not a {CKPT_FORMAT} checkpoint (format={found!r}); "

@@ -26,6 +26,7 @@ from pipeline import audit as A
 from pipeline import config as C
 from pipeline.executor import timed
 from pipeline.featstore import FeatureStore
+from pipeline.integrity import hold_lock, releases_locks, require_device
 from pipeline.store import atomic_write_json, code_version, read_json
 
 log = logging.getLogger("ppap.audit")
@@ -257,8 +258,10 @@ def collect(
 # ---------------------------------------------------------------------------------------------
 
 
+@releases_locks
 def run(cfg: C.AuditConfig) -> dict[str, Any]:
     """Audit mined runs (and/or a sweep); print the table, write JSON and PNGs."""
+    require_device(cfg.device)
     out = Path(cfg.out)
     store = FeatureStore(out)
     if not store.has_labels or "patch_labels" not in store.split("train"):
@@ -319,6 +322,7 @@ def run(cfg: C.AuditConfig) -> dict[str, Any]:
         print(A.format_table(sweep_results))
 
     json_path = Path(cfg.json) if cfg.json else audit_dir / "audit.json"
+    hold_lock(json_path.parent, "audit output")
     atomic_write_json(json_path, report)
     plot_path = Path(cfg.plot) if cfg.plot else audit_dir / "fig1b.png"
     report["json"] = str(json_path)

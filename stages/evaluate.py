@@ -26,6 +26,8 @@ predictions.png, config.json, and probes.pt for fitted probes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import logging
 import time
@@ -37,14 +39,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from tqdm import tqdm
-
 from pipeline import config as C
 from pipeline import crf as crf_mod
 from pipeline import metrics as M
 from pipeline import probes as P
-from pipeline.executor import timed
+from pipeline.executor import progress, timed
 from pipeline.featstore import FeatureStore, normalise
+from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
 from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
 from pipeline.viz import colourise, palette
 
@@ -89,7 +90,9 @@ def frozen_source(store: FeatureStore) -> CodeSource:
     feats = store.split(FIT_SPLIT)["feats"]
 
     def read(idx: np.ndarray) -> np.ndarray:
-        return feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        data = feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        store.require_finite(FIT_SPLIT, "feats", idx, data)
+        return data
 
     return CodeSource("frozen features", feats.dtype.itemsize, read)
 
@@ -104,7 +107,9 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
         with torch.no_grad():
             for s in range(0, len(idx), BATCH):
                 sel = (idx[s:s + BATCH], slice(None), slice(None))
-                t = torch.from_numpy(tokens.get_orthogonal_selection(sel)).to(device, torch.float32)
+                raw = tokens.get_orthogonal_selection(sel)
+                store.require_finite(FIT_SPLIT, "tokens", idx[s:s + BATCH], raw)
+                t = torch.from_numpy(raw).to(device, torch.float32)
                 code = branch.encode(t, grid).float()  # (b, D, h, w)
                 out[s:s + len(t)] = code.flatten(2).transpose(1, 2).cpu().numpy()
         return out
@@ -128,6 +133,22 @@ def checkpoint_path(cfg: C.EvalConfig) -> Path:
         f"on (mine with --holdout > 0 and --select-every > 0 in train), or it is still at its "
         f"first selection point; evaluate --checkpoint last instead"
     )
+
+
+def _default_checkpoint(cfg: C.EvalConfig) -> C.EvalConfig:
+    """`--checkpoint best` (the default) of a run that never selected (no held-out images, or
+    --select-every 0) falls back to its last checkpoint, saying so; an explicit choice of a run
+    that did select is never changed."""
+    if cfg.baseline == "frozen" or cfg.checkpoint != "best" or not cfg.trained:
+        return cfg
+    run_dir = Path(cfg.out) / "train" / cfg.trained
+    if (run_dir / "best.pt").is_file() or (run_dir / "selection.jsonl").is_file():
+        return cfg
+    if (run_dir / "last.pt").is_file():
+        log.warning("eval: %s was trained without selection points (no held-out images or "
+                    "--select-every 0), so it has no best.pt; evaluating last.pt", run_dir)
+        return dataclasses.replace(cfg, checkpoint="last")
+    return cfg
 
 
 def _load_checkpoint(cfg: C.EvalConfig, store: FeatureStore):
@@ -240,13 +261,15 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     grid = store.grid(FIT_SPLIT)
     chosen = _sample_crops(store, seed, LINEAR_MAX_ROWS, 2)
     xs, hs = [], []
-    for s in tqdm(range(0, len(chosen), PROBE_BLOCK), desc=f"read {source.name}", unit="block",
-                  dynamic_ncols=True):
-        idx = chosen[s:s + PROBE_BLOCK]
-        f = source.read(idx)
-        xs.append(np.asarray(f, dtype=np.float32).reshape(-1, f.shape[-1]))
-        lab = g["labels"].get_orthogonal_selection((idx, slice(None), slice(None)))
-        hs.append(P.patch_histograms(lab, grid, store.num_classes))
+    starts = range(0, len(chosen), PROBE_BLOCK)
+    with progress(total=len(starts), desc=f"read {source.name}", unit="block") as bar:
+        for s in starts:
+            idx = chosen[s:s + PROBE_BLOCK]
+            f = source.read(idx)
+            xs.append(np.asarray(f, dtype=np.float32).reshape(-1, f.shape[-1]))
+            lab = g["labels"].get_orthogonal_selection((idx, slice(None), slice(None)))
+            hs.append(P.patch_histograms(lab, grid, store.num_classes))
+            bar.update(1)
     x, hist = np.concatenate(xs), np.concatenate(hs)
     del xs, hs
     fit = P.fit_linear(x, hist, device=device)
@@ -327,7 +350,7 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     pool = crf_mod.CRFPool(cfg.workers) if cfg.crf else None
     window = 2 * pool.workers if pool else 0
     pending: dict[int, Future] = {}
-    crf_bar = tqdm(total=len(rows), desc="crf", unit="img", dynamic_ncols=True, disable=pool is None)
+    crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)
     labels_of: dict[int, np.ndarray] = {}
 
     def collect(pos: int) -> None:
@@ -340,12 +363,13 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
         crf_bar.update(1)
 
     try:
-        with torch.no_grad(), tqdm(total=len(rows), desc=f"eval {probes.name}", unit="img",
-                                   dynamic_ncols=True) as bar:
+        with torch.no_grad(), progress(total=len(rows), desc=f"eval {probes.name}",
+                                       unit="img") as bar:
             for b0 in range(0, len(rows), BATCH):
                 idx = rows[b0:b0 + BATCH]
                 sel = (idx, *([slice(None)] * 2))
                 batch = {key: g[key].get_orthogonal_selection(sel)}
+                store.require_finite(EVAL_SPLIT, key, idx, batch[key])
                 labels = g["labels"].get_orthogonal_selection(sel).astype(np.int64)
                 rgb = g["rgb"].get_orthogonal_selection((idx, *([slice(None)] * 3)))
                 code = probes.code(batch)
@@ -478,15 +502,18 @@ def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- entry point
 
 
+@releases_locks
 def run(cfg: C.EvalConfig) -> dict[str, Any]:
     """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`
     (see `report_name`)."""
     t0 = time.perf_counter()
+    require_device(cfg.device)
     if cfg.baseline == "none" and not cfg.trained:
         raise ValueError("give --trained NAME (a run under out/train/) or --baseline frozen")
     store = FeatureStore(cfg.out)
     if not store.has_labels:
         raise ValueError(f"{store.path} was cached without labels; evaluation needs a labelled dataset")
+    cfg = _default_checkpoint(cfg)
     probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
     name = probes.name
     fitted = cfg.baseline == "frozen" or cfg.probes == "refit"
@@ -515,7 +542,8 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
         "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    dest.mkdir(parents=True, exist_ok=True)
+    hold_lock(dest, "evaluation")  # the run it reads needs no lock
+    clean_orphans(dest)
     atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
     if fitted:  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()

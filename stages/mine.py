@@ -5,6 +5,11 @@ marker (pipeline.shards). Which crops form a batch and which patches are anchors
 function of (seed, epoch, batch, sizes) (pipeline.batching), so a rerun, a resumed run and a
 dask run write bit-identical shards. Criterion state shared by all batches (the HP reference
 pool, the k-means centroids) is drawn once from the training split and saved beside the shards.
+
+The feature cache must be complete (FeatureStore.split refuses an unfinished one). The manifest
+records which training crops were mined (`items`: count and sha256) and how many plans are
+complete (`plans`); a rerun verifies every finished shard's checksum and re-mines corrupt ones and
+those of older versions (no checksum). One writer per directory (lock `<dir>/.lock`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pipeline import batching, mining, shards
 from pipeline import config as C
 from pipeline.executor import run_units
 from pipeline.featstore import FeatureStore, normalise, take_rows
+from pipeline.integrity import (CorruptArtifact, clean_orphans, hold_lock, read_checked, releases_locks,
+                                require_device, sha256_bytes, write_checked)
 from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, read_json
 
 log = logging.getLogger("ppap.mine")
@@ -110,7 +117,7 @@ def _kmeans_k(cfg: C.MineConfig, store: FeatureStore) -> int:
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())  # + <path>.sha256
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -120,7 +127,25 @@ def _load_npy(path: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def _load_npy_at(path: str, mtime_ns: int) -> np.ndarray:
-    return np.load(path)
+    data = read_checked(path, what="criterion state", legacy_ok=False,
+                        fix="rerun `ppap-pipe mine` with the same settings: it redraws it")
+    return np.load(io.BytesIO(data))
+
+
+def _state_ok(path: Path, repair: bool) -> bool:
+    """Whether saved criterion state can be used; with `repair`, a corrupt or unverifiable
+    file is dropped so that it is drawn again (it is a pure function of seed and cache)."""
+    if not path.exists():
+        return False
+    if not repair:
+        return True
+    try:
+        _load_npy(str(path))
+        return True
+    except (CorruptArtifact, ValueError) as exc:
+        log.warning("mine: %s; drawing it again", exc)
+        path.unlink(missing_ok=True)
+        return False
 
 
 def _rows(store: FeatureStore, crops: np.ndarray, patches: np.ndarray) -> np.ndarray:
@@ -131,20 +156,21 @@ def _rows(store: FeatureStore, crops: np.ndarray, patches: np.ndarray) -> np.nda
     return normalise(block[inv, patches])
 
 
-def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path) -> dict[str, Any]:
-    """HP pool or k-means centroids: drawn once (seeded) from the mined crops, saved."""
+def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path,
+                    repair: bool = False) -> dict[str, Any]:
+    """HP pool or k-means centroids: drawn once (seeded) from the mined crops (the training split less the holdout), saved."""
     items = train_items(cfg)
     h, w = store.grid("train")
     if cfg.criterion == "hp":
         path = directory / "hp_pool.npy"
-        if not path.exists():
+        if not _state_ok(path, repair):
             imgs, patches = batching.sample_patches(cfg.seed, len(items), h * w, cfg.hp_pool_size,
                                                     tag=batching.TAG_HP_POOL)
             _save_npy(path, _rows(store, items[imgs], patches))
         return {"hp_pool": _load_npy(str(path))}
     if cfg.criterion == "kmeans":
         path = directory / "kmeans_centroids.npy"
-        if not path.exists():
+        if not _state_ok(path, repair):
             n = min(KMEANS_SAMPLE, len(items) * h * w)
             imgs, patches = batching.sample_patches(cfg.seed, len(items), h * w, n,
                                                     tag=batching.TAG_KMEANS)
@@ -190,8 +216,61 @@ def process_batch(unit: tuple[int, int], cfg: C.MineConfig) -> dict[str, Any]:
     return stats
 
 
+def _population(items: np.ndarray) -> dict[str, Any]:
+    """Which training crops the batch plans permute (recorded in the manifest)."""
+    return {"n": int(len(items)),
+            "sha256": sha256_bytes(np.ascontiguousarray(items, dtype="<i8").tobytes())}
+
+
+def _check_population(directory: Path, items: dict[str, Any], store: FeatureStore) -> bool:
+    """Refuse shards mined on other crops; True for a directory of an older version (re-mine)."""
+    path = directory / "manifest.json"
+    if not path.is_file():
+        return False
+    old = read_json(path).get("items")
+    if old is None:
+        log.warning("mine: %s was written by an older ppap-pipe that recorded neither the crops it "
+                    "mined nor shard checksums; every shard is mined again", directory)
+        return True
+    if old != items:
+        raise ValueError(
+            f"{directory} was mined on {old.get('n')} training crops, but {store.path} now has "
+            f"{items['n']} usable ones (it changed since, e.g. it was unfinished when mining "
+            "started), so its batch plans differ; delete that directory or mine under another "
+            "--name")
+    return False
+
+
+def _complete_plans(cfg: C.MineConfig, directory: Path, n_items: int) -> int:
+    e = 0
+    while all(shards.is_done(shards.shard_path(directory, e, b))
+              for b in range(len(_plan(cfg.seed, e, n_items, cfg.batch_size)))):
+        e += 1
+    return e
+
+
+def _todo(directory: Path, units: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Units without an intact shard; logs why finished-looking shards are mined again."""
+    todo, redo = [], {"legacy": [], "corrupt": []}
+    for u in units:
+        state, why = shards.shard_state(shards.shard_path(directory, *u))
+        if state != "ok":
+            todo.append(u)
+        if state in redo:
+            redo[state].append(why)
+    if redo["corrupt"]:
+        log.warning("mine: re-mining %d shard(s) that fail their checksum or marker: %s",
+                    len(redo["corrupt"]), "; ".join(redo["corrupt"][:3]))
+    if redo["legacy"]:
+        log.warning("mine: re-mining %d shard(s) written without a checksum by an older ppap-pipe",
+                    len(redo["legacy"]))
+    return todo
+
+
+@releases_locks
 def run(cfg: C.MineConfig) -> dict[str, Any]:
     """Mine every (epoch, batch) of `cfg.epochs` batch plans; resumable; refuses to mix."""
+    require_device(cfg.device)
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
     store = _store(cfg.out)
     directory = mine_dir(cfg.out, cfg.run_name)
@@ -209,13 +288,23 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
              "holdout=%s (%d crops kept out for selection)", cfg.run_name, cfg.criterion,
              cfg.epochs, cfg.batch_size, cfg.anchors_per_image, cfg.backend, cfg.device, cfg.seed,
              cfg.holdout, len(held))
-    check_or_write_manifest(directory / "manifest.json", _identity(cfg, store),
-                            extra={"config": C.to_dict(cfg)}, what="mined-set directory")
+    identity = _identity(cfg, store)
+    population = _population(items)
+    hold_lock(directory, "mined-set directory")
+    clean_orphans(directory)
+    old_manifest = (directory / "manifest.json").is_file()
+    record = check_or_write_manifest(directory / "manifest.json", identity,
+                                     extra={"config": C.to_dict(cfg), "items": population},
+                                     what="mined-set directory")  # other settings: refused first
+    legacy = old_manifest and _check_population(directory, population, store)
     atomic_write_json(directory / "config.json", C.to_dict(cfg))
-    criterion_state(cfg, store, directory)
+    if legacy:  # state drawn by an older version may come from other crops: draw it again
+        for name in ("hp_pool.npy", "kmeans_centroids.npy"):
+            (directory / name).unlink(missing_ok=True)
+    criterion_state(cfg, store, directory, repair=True)
     units = [(e, b) for e in range(cfg.epochs)
              for b in range(len(_plan(cfg.seed, e, len(items), cfg.batch_size)))]
-    todo = [u for u in units if not shards.is_done(shards.shard_path(directory, *u))]
+    todo = _todo(directory, units)
     log.info("mine %s: %d batches, %d already done", cfg.run_name, len(units), len(units) - len(todo))
     t0 = time.perf_counter()
     run_units(process_batch, todo, args=(cfg,), workers=cfg.workers, scheduler=cfg.scheduler,
@@ -223,6 +312,10 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
     summary = summarise(directory, units)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(directory / "summary.json", summary)
+    # the manifest says what the directory holds now (extended epochs included)
+    record = {**record, "config": C.to_dict(cfg), "items": population,
+              "plans": _complete_plans(cfg, directory, len(items))}
+    atomic_write_json(directory / "manifest.json", record)
     log.info("mine %s: mean |P| %.1f, |A| %.1f, |N| %.1f, no-positive anchors %d, %.0f bytes/anchor",
              cfg.run_name, summary["mean_pos"], summary["mean_amb"], summary["mean_neg"],
              summary["anchors_without_positive"], summary["bytes_per_anchor"])

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import config as C
 from pipeline.featstore import take_rows
+from pipeline.integrity import hold_lock, releases_locks
 from pipeline.viz import colourise, palette
 from pipeline.audit import subset_shard
 
@@ -156,6 +157,7 @@ def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
     return chosen
 
 
+@releases_locks
 def run(cfg: C.ShowConfig) -> list[Path]:
     """Render the chosen anchors of shard (epoch, batch) of `<out>/mine/<mined>/`."""
     from pipeline import shards as SH
@@ -174,6 +176,7 @@ def run(cfg: C.ShowConfig) -> list[Path]:
     names = store.class_names if labels is not None else None
     dest = Path(cfg.dest) if cfg.dest else out / "show" / cfg.mined
     grid = store.grid("train")
+    hold_lock(dest, "picture folder")
     written = []
     for i, a in enumerate(chosen):
         title = (f"{cfg.mined} ({shard.criterion}), epoch {cfg.epoch}, batch {cfg.batch}, "

@@ -2,7 +2,9 @@
 
 Reads `<out>/features.zarr` (never runs the frozen backbone) and `<out>/mine/<mined>/`; writes
 `<out>/train/<run>/`: manifest.json (identity), config.json (resolved config), metrics.jsonl
-(one line per step) and last.pt (atomic; keys documented in pipeline/model.py).
+(one line per step) and last.pt (atomic, sha256 in last.pt.sha256; keys in pipeline/model.py).
+One writer per run directory (lock `<run>/.lock`); inputs are checked for NaN/Inf per batch and
+training stops at the first non-finite loss or gradient, before the weights change.
 
 Epoch e trains on the batches of mined plan e % n_plans, in batch order. Step = one shard:
 tokens of its crops -> code, z; Eq. 8 on z with the shard's sets; linear-probe cross-entropy
@@ -28,8 +30,9 @@ import torch
 from pipeline import config as C
 from pipeline.executor import StageInterrupted, timed
 from pipeline.featstore import FeatureStore, take_rows
+from pipeline.integrity import NonFinite, clean_orphans, disk_guard, hold_lock, releases_locks, write_checked
 from pipeline.loss import ppap_loss
-from pipeline.model import CKPT_FORMAT, build_model
+from pipeline.model import CKPT_FORMAT, build_model, read_checkpoint
 from pipeline.probes import code_stats, spherical_kmeans
 from pipeline.selection import Holdout, best_choice, labelfree_choice
 from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version, read_json
@@ -161,9 +164,10 @@ def check_reproduces_cache(branch, store: FeatureStore,
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save atomically, with the file's sha256 in `<path>.sha256` (verified on load)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -178,6 +182,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a torn last line
     path.write_text("".join(k + "\n" for k in keep))
+
+
+def _resume_point(ckpt_path: Path) -> str:
+    """Where a rerun resumes: the step of the checkpoint on disk, or step 0 when there is none."""
+    if not ckpt_path.is_file():
+        return f"no checkpoint was written yet ({ckpt_path} does not exist), so it starts at step 0"
+    try:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"]
+        return f"it resumes from the checkpoint {ckpt_path} at step {step}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return f"it resumes from the last checkpoint {ckpt_path}"
 
 
 def _last_metric(path: Path, key: str):
@@ -224,11 +239,18 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
     lin_loss = linear.loss(feats, labels) if linear is not None and labels is not None else None
     clu_loss = cluster.loss(feats)
     total = loss + clu_loss + (lin_loss if lin_loss is not None else 0.0)
+    if not bool(torch.isfinite(total.detach())):
+        parts = {"contrastive": loss, "linear probe": lin_loss, "cluster probe": clu_loss}
+        raise NonFinite("non-finite loss (" + ", ".join(
+            f"{k} {float(v.detach()):.4g}" for k, v in parts.items() if v is not None) + ")")
     for opt in opts:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(branch.net_parameters(), cfg.grad_clip)
+    if not bool(torch.isfinite(grad_norm)):
+        raise NonFinite(f"non-finite gradient norm ({float(grad_norm):.4g}) with a finite loss "
+                        f"{float(total.detach()):.4g}")
     for opt in opts:
         if opt is not None:
             opt.step()
@@ -269,10 +291,22 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
+    with disk_guard(path), open(path, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
 
 
+def _check_shard_markers(mined: MinedRun) -> None:
+    """Refuse shards without a checksum (older ppap-pipe) before any training (markers only)."""
+    from pipeline import shards
+
+    for plan in mined.plans:
+        for p in plan:
+            if shards.read_marker(p).get("sha256") is None:
+                raise ValueError(f"{p} was mined by an older ppap-pipe and has no checksum; "
+                                 f"{shards.remine_hint(p)}")
+
+
+@releases_locks
 def run(cfg: C.TrainConfig) -> dict[str, Any]:
     """Train (or resume) `<out>/train/<run>/`; returns a summary dict."""
     from pipeline import shards
@@ -280,6 +314,7 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     store = FeatureStore(out)
+    store.split("train")  # refuses an unfinished or damaged cache first
     mined = mined_run(out, cfg.mined, store)
     if cfg.holdout is not None and abs(cfg.holdout - mined.holdout) > 1e-12:
         raise ValueError(
@@ -288,6 +323,7 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
             f"which crops form the batches): mine again with `ppap-pipe mine --holdout {cfg.holdout}"
             f" --name NAME` and train on that, or drop --holdout"
         )
+    _check_shard_markers(mined)
     n_plans = mined.n_plans
     run_dir = out / "train" / cfg.run_name
     dev = _device(cfg)
@@ -328,6 +364,8 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
                     mined_plans=[len(p) for p in mined.plans], holdout=mined.holdout)
+    hold_lock(run_dir, "training run")
+    clean_orphans(run_dir)
     check_or_write_manifest(run_dir / "manifest.json", identity, what="training run")
     atomic_write_json(run_dir / "config.json", cfg_dict)
 
@@ -347,7 +385,9 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     select_path = run_dir / "selection.jsonl"
     step, epoch, batch, finished = 0, 0, 0, False
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        ck = read_checkpoint(ckpt_path, map_location=dev, fix=(
+            f"delete {ckpt_path} and {ckpt_path.name}.sha256 to train {run_dir.name} again from "
+            "step 0, or restore the file"))
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{ckpt_path} is not a {CKPT_FORMAT} checkpoint; delete {run_dir} "
                              "to start again")
@@ -431,12 +471,12 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     amp = cfg.amp and dev.type == "cuda"
     branch.train()
 
-    from tqdm import tqdm
+    from pipeline.executor import progress
 
     if step == 0 and holdout is not None:
         with timed("train: scoring the frozen features on the held-out images (step 0)", log):
             select_point(False)
-    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", dynamic_ncols=True)
+    bar = progress(total=total, initial=min(step, total), desc="train", unit="step")
     last_loss = None
     t_loop = time.perf_counter()
     steps_here = 0
@@ -449,12 +489,20 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 shard = shards.read_shard(paths[batch])
                 images = np.asarray(shard.images, dtype=np.int64)
-                tokens = torch.from_numpy(_gather(tokens_arr, images).astype(np.float32)).to(dev)
+                tok = _gather(tokens_arr, images)
+                store.require_finite("train", "tokens", images, tok)
+                tokens = torch.from_numpy(tok.astype(np.float32)).to(dev)
                 labels = (torch.from_numpy(_gather(labels_arr, images).astype(np.int64)).to(dev)
                           if linear is not None else None)
                 F = store.mining_features(images)
                 sets = shards.recover_sets(shard, F)
-                res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                try:
+                    res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                except NonFinite as exc:
+                    raise NonFinite(
+                        f"training stopped at step {step + 1} (epoch {epoch}, batch {batch}, shard "
+                        f"{paths[batch]}): {exc}. The weights were not updated; {_resume_point(ckpt_path)}"
+                        ". Lower --lr (or raise --tau), or check that shard's crops") from None
                 frozen = code_stats(F)
                 res["erank_frozen"] = round(frozen.erank, 4)
                 step += 1
@@ -465,7 +513,7 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
                 rec = {"step": step, "epoch": epoch, "batch": batch - 1, "plan": epoch % n_plans,
                        **res, "time": round(time.perf_counter() - t0, 4),
                        "elapsed": round(time.perf_counter() - t_start, 3)}
-                with open(metrics_path, "a") as fh:
+                with disk_guard(metrics_path), open(metrics_path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 if res["erank"] < cfg.collapse_ratio * frozen.erank and not warned["collapse"]:
                     warned["collapse"] = True
@@ -496,9 +544,8 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
             save(ckpt_path, False)
     except KeyboardInterrupt:
         raise StageInterrupted(
-            f"training interrupted at step {step}; rerun the same command to resume from the last "
-            f"checkpoint {ckpt_path}"
-        ) from None
+            f"training interrupted at step {step}; rerun the same command to resume: "
+            f"{_resume_point(ckpt_path)}") from None
     finally:
         bar.close()
     if last_loss is None:  # nothing trained in this call: report the last recorded loss

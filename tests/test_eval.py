@@ -312,7 +312,9 @@ def test_refuses_bad_inputs(store_dir, tmp_path):
     _checkpoint(out / "train" / "other" / "last.pt", store, c, lin, fingerprint="elsewhere")
     with pytest.raises(ValueError, match="trained on feature cache elsewhere"):
         evaluate.run(EvalConfig(out=str(out), trained="other", checkpoint="last"))
-    # a run without best.pt (no held-out images to select on) names the way out
+    # a run that never selected falls back from best to last; one that did must have best.pt
+    assert evaluate._default_checkpoint(EvalConfig(out=str(out), trained="other")).checkpoint == "last"
+    (out / "train" / "other" / "selection.jsonl").write_text("")
     with pytest.raises(ValueError, match="--checkpoint last"):
         evaluate.run(EvalConfig(out=str(out), trained="other"))
 
