@@ -1,4 +1,4 @@
-"""Precision audit of mined sets against patch labels (ALGORITHM.md §8, paper Table 6, Fig. 1b).
+"""Precision audit of mined sets against patch labels (docs/method.md §8, paper Table 6, Fig. 1b).
 
 Pure functions on plain arrays in the export-dict form of one batch: `anchors` (M,) rows of F,
 CSR `pos_indptr/pos_indices` and `amb_indptr/amb_indices` over anchors (columns = rows of F),

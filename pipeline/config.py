@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # ---------------------------------------------------------------------------------------
-# Presets (ALGORITHM.md §4 for the paper's; §9 for DINOv2 thresholds on CamVid/demo).
+# Presets (docs/method.md §4 for the paper's; §9 for DINOv2 thresholds on CamVid/demo).
 # A preset is a flat mapping; every stage config takes the keys it knows.
 # ---------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # DINOv2 features share a large common component (median pairwise cosine 0.47 on
     # CamVid), so the DINO v1 thresholds collapse; 0.95/0.70 was picked with the audit
-    # sweep on CamVid *training* crops (ALGORITHM.md §9), never on the evaluation split.
+    # sweep on CamVid *training* crops (docs/method.md §9), never on the evaluation split.
     "camvid": dict(
         dataset="camvid", data_root="../shared/camvid", backbone="dinov2_vits14_offline",
         phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, tau=0.8,
@@ -109,8 +109,8 @@ class FeaturesConfig:
     backbone: str = "dinov2_vits14_offline"
     weights: str | None = None  # local checkpoint; None = the backbone's default source
     splits: tuple[str, ...] = ("train", "val")
-    train_size: int = 224  # five-crop side (ALGORITHM.md §5)
-    eval_size: int = 320  # evaluation side (ALGORITHM.md §5)
+    train_size: int = 224  # five-crop side (docs/method.md §5)
+    eval_size: int = 320  # evaluation side (docs/method.md §5)
     chunk_size: int = 8  # source images per unit of work (a resumable chunk; x5 crops for train)
     batch_size: int = 16  # crops per backbone forward pass
     limit: int | None = None  # at most this many images per split (quick tries)
@@ -141,7 +141,7 @@ CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
 class MineConfig:
     out: str = "data_cache/demo"  # run directory holding features.zarr
     name: str | None = None  # mined-set name under out/mine/ (default: the criterion)
-    criterion: str = "ppap"  # ppap | p0 | hp | kmeans (ALGORITHM.md §7)
+    criterion: str = "ppap"  # ppap | p0 | hp | kmeans (docs/method.md §7)
     phi0: float = 0.55  # initial positive threshold Φ0 (paper default)
     psi0: float = 0.15  # initial ambiguity threshold Ψ0 (paper default)
     prop_iters: int = 2  # T, propagation steps

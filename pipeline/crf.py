@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (ALGORITHM.md §6), per image, parallel over images.
+"""Dense CRF post-processing (docs/method.md §6), per image, parallel over images.
 
 Per image at evaluation resolution, on the un-normalised uint8 RGB image:
 unary = -log(clip(prob, 1e-5)); Gaussian kernel sxy=1, compat=3; bilateral kernel sxy=67,

@@ -1,4 +1,4 @@
-"""The PPAP contrastive loss (ALGORITHM.md §3, Eq. 8) over CSR-encoded mined sets.
+"""The PPAP contrastive loss (docs/method.md §3, Eq. 8) over CSR-encoded mined sets.
 
 For anchor i with positives P_i (and ambiguous A_i, both excluding i), negatives N_i are every
 other row of `z` except i, P_i and A_i, and

@@ -1,4 +1,4 @@
-"""Mining one batch: PPAP (ALGORITHM.md §2) and the comparison criteria of §7.
+"""Mining one batch: PPAP (docs/method.md §2) and the comparison criteria of §7.
 
 Semantics (§2): s = v · Fᵀ in float32; P⁰ = {j : s_ij > Φ0}; for t = 1..T the proxy is the
 normalised sum of the previous set, d = 1 − v_{t−1}·v_t, Φ −= d/σpos, Ψ += d/σamb (per-anchor

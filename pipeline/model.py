@@ -1,4 +1,4 @@
-"""The trained parts of PPAP (ALGORITHM.md §1): fine-tuned last block, projection head, probes.
+"""The trained parts of PPAP (docs/method.md §1): fine-tuned last block, projection head, probes.
 
 The fine-tuned branch consumes the cached mid tokens (tokens entering the backbone's last
 block, CLS first) and never runs the rest of the backbone:
@@ -134,7 +134,7 @@ class LinearProbe(nn.Module):
 
     def predict_logits(self, code: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, H, W) at `size`. A 1x1 conv commutes with bilinear upsampling, so this
-        equals the probe applied to code upsampled to `size` (ALGORITHM.md §6)."""
+        equals the probe applied to code upsampled to `size` (docs/method.md §6)."""
         logits = self.conv(code)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = Fn.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

@@ -3,7 +3,7 @@
 For one or more mined runs `<out>/mine/<name>/` made on the same batch plan and anchors, the
 first `batches` batches of plan `epoch` are audited on a seeded sample of at most
 `max_anchors` anchors per batch (the same sample for every run). Sets are recovered exactly
-from the shards; patch labels come from the feature cache (ALGORITHM.md §8 rules, see
+from the shards; patch labels come from the feature cache (docs/method.md §8 rules, see
 pipeline/audit.py). `--sweep` mines the same sampled anchors in memory for every point of a
 grid of (phi0, psi0, prop_iters, sigma_pos, sigma_amb) and audits each, so thresholds can be
 chosen for a new backbone on a small labelled training sample.

@@ -14,7 +14,7 @@ being evaluated, so trained vs frozen compares representations with identical pr
 `--probes trained` uses the probes trained alongside the network instead. Both fitting paths
 read their code through a `CodeSource` (frozen feats or branch-encoded tokens).
 
-Per val image (ALGORITHM.md §6): code -> bilinear upsampling to the label size -> probes;
+Per val image (docs/method.md §6): code -> bilinear upsampling to the label size -> probes;
 cluster prediction = argmax cosine to the centroids, linear = argmax logits; one confusion
 matrix per (probe, CRF on/off) over the split; Hungarian matching for clusters. CRF runs in
 worker processes while the next batch is computed.

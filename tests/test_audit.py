@@ -1,4 +1,4 @@
-"""Audit of mined sets (ALGORITHM.md §8): hand-computed numbers, exact aggregation, Fig. 1b,
+"""Audit of mined sets (docs/method.md §8): hand-computed numbers, exact aggregation, Fig. 1b,
 sweep parsing, and the audit/show stages on a synthetic store with real shards."""
 
 from __future__ import annotations

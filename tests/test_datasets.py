@@ -31,7 +31,7 @@ def _png(path: Path, arr: np.ndarray) -> Path:
 
 # --------------------------------------------------------------------------- COCO-Stuff-27
 
-# the spec's table (ALGORITHM.md §5), written out independently of the module
+# the table of docs/method.md §5.2, written out independently of the module
 SPEC_COCO = {
     9: [0], 11: list(range(1, 9)), 8: list(range(9, 15)), 7: list(range(15, 25)),
     6: list(range(25, 33)), 10: list(range(33, 43)), 5: list(range(43, 51)),

@@ -1,4 +1,4 @@
-"""Mining against an independent float64 dense reference of ALGORITHM.md §2 and §7."""
+"""Mining against an independent float64 dense reference of docs/method.md §2 and §7."""
 
 import numpy as np
 import pytest
