@@ -284,6 +284,30 @@ def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: in
     return n
 
 
+def _frozen_scores(out: Path, store: FeatureStore, holdout: Holdout, branch, seed: int) -> dict[str, Any]:
+    """Step-0 held-out scores: the branch equals the frozen features there, so every run on the
+    same cache, holdout and seed gets the same record; it is computed once and kept in
+    `<out>/train/.frozen-holdout/<key>.json` (a pure cache: delete it freely)."""
+    import hashlib
+
+    from pipeline import probes as P
+
+    key = hashlib.sha256(json.dumps({
+        "features": store.fingerprint, "seed": seed, "code": code_version(),
+        "crops": hashlib.sha256(np.ascontiguousarray(holdout.crops, "<i8").tobytes()).hexdigest(),
+        "probes": [P.LINEAR_L2, P.LINEAR_TOL, P.LINEAR_MAX_ITER, P.KMEANS_NITER, P.KMEANS_NREDO],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = out / "train" / ".frozen-holdout" / f"{key}.json"
+    if path.is_file():
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: score again and overwrite it
+    scores = holdout.score(branch, seed)
+    atomic_write_json(path, scores)
+    return scores
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -433,7 +457,9 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
         if holdout is None or (records and records[-1]["step"] == step):
             return
         t0 = time.perf_counter()
-        rec = {"step": step, "epoch": epoch, "batch": batch, **holdout.score(branch, cfg.seed),
+        scores = (_frozen_scores(out, store, holdout, branch, cfg.seed) if step == 0
+                  else holdout.score(branch, cfg.seed))
+        rec = {"step": step, "epoch": epoch, "batch": batch, **scores,
                "train_loss": (round(float(np.mean(recent_losses)), 5) if recent_losses else None)}
         rec["erank_ratio"] = round(rec["erank"] / records[0]["erank"], 4) if records else 1.0
         rec["seconds"] = round(time.perf_counter() - t0, 2)

@@ -119,7 +119,10 @@ def test_eval_checkpoint_choices(cache, mined):
 
     train.run(C.TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
                             select_every=2, seed=0))
-    # the cache has no val split here: evaluation refuses cleanly, naming the checkpoint path
+    # step 0 (frozen features) is scored once per cache/holdout/seed and reused by later runs
+    assert len(list((cache / "train" / ".frozen-holdout").glob("*.json"))) == 1
+    first = lambda name: {k: v for k, v in _records(cache / "train" / name)[0].items() if k != "seconds"}
+    assert first("ev") == first("sel")
     for ck in ("best", "last", "labelfree"):
         assert (cache / "train" / "ev" / f"{ck}.pt").is_file()
         assert evaluate.checkpoint_path(C.EvalConfig(out=str(cache), trained="ev", checkpoint=ck)).name == f"{ck}.pt"
