@@ -161,3 +161,21 @@ def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):
     # the grid names what it can sweep
     bad = CliRunner().invoke(cli.app, ["sweep-train", "--out", str(cache), "--grid", "colour=1,2"])
     assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
+
+
+@pytest.mark.parametrize("preset", ["camvid", "demo"])
+def test_preset_recipe_lowers_the_loss_without_collapsing_rank(cache, mined, preset):
+    """The training settings the presets ship (chosen by the held-out sweep) on a small cache:
+    the loss goes down and the code keeps its effective rank."""
+    keys = ("tau", "lr", "weight_decay", "optimizer", "amb_weight", "grad_clip")
+    recipe = {k: v for k, v in C.PRESETS[preset].items() if k in keys}
+    cfg = C.TrainConfig(out=str(cache), mined="ppap", name=f"recipe-{preset}", epochs=6,
+                        select_every=0, seed=1, **recipe)
+    train.run(cfg)
+    rows = [json.loads(x) for x in (cache / "train" / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    third = len(rows) // 3
+    first = np.mean([r["loss"] for r in rows[:third]])
+    last = np.mean([r["loss"] for r in rows[-third:]])
+    assert last < first, (first, last)
+    ratio = np.mean([r["erank"] / r["erank_frozen"] for r in rows[-third:]])
+    assert ratio > cfg.collapse_ratio, ratio
