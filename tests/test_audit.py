@@ -11,7 +11,9 @@ import zarr
 
 from pipeline import audit as A
 from pipeline import config as C
-from pipeline.featstore import FeatureStore, create_split
+from pipeline.featstore import FeatureStore
+
+from conftest import SplitSpec
 
 # ---------------------------------------------------------------------------------------------
 # A hand-computable batch: 2 images x 4 patches = 8 rows.
@@ -270,33 +272,29 @@ SIDE = GRID * PATCH
 CLASS_NAMES = ["red", "green", "blue"]
 
 
-def make_store(out, labelled: bool = True, seed: int = 0) -> np.ndarray:
+def make_store(fake_cache, out, labelled: bool = True, seed: int = 0) -> np.ndarray:
     """Features = class prototype + noise; returns the (n, h, w) patch labels (-1 = ignore)."""
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(K, DIM))
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    root = zarr.open_group(str(out / "features.zarr"), mode="w", zarr_format=3)
-    g = create_split(root, "train", N_CROPS, n_tokens=1 + GRID * GRID, dim=DIM, grid=(GRID, GRID),
-                     side=SIDE, labelled=labelled, chunk=4)
     pl = rng.integers(0, K, size=(N_CROPS, GRID, GRID))
     truth = pl.copy()
     pl[rng.random(pl.shape) < 0.15] = -1  # some mostly-ignore patches (their features keep a class)
     feats = protos[truth] + 0.2 * rng.normal(size=truth.shape + (DIM,))
-    g["feats"][:] = feats.reshape(N_CROPS, GRID * GRID, DIM).astype(np.float16)
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
     rgb = colours[truth].repeat(PATCH, 1).repeat(PATCH, 2) + rng.integers(0, 40, (N_CROPS, SIDE, SIDE, 3))
-    g["rgb"][:] = np.clip(rgb, 0, 255).astype(np.uint8)
-    g["image_index"][:] = np.arange(N_CROPS) // 5
-    g["valid"][:] = 1
-    if labelled:
-        g["patch_labels"][:] = pl.astype(np.int16)
-        g["labels"][:] = pl.repeat(PATCH, 1).repeat(PATCH, 2).astype(np.int16)
-    root.attrs["manifest"] = {
-        "dataset": "synthetic", "backbone": "none", "patch_size": PATCH, "embed_dim": DIM,
-        "num_classes": K, "class_names": CLASS_NAMES, "has_labels": labelled,
-        "train_size": SIDE, "eval_size": SIDE, "grid_train": [GRID, GRID], "grid_eval": [GRID, GRID],
-        "fingerprint": f"synthetic{seed}{labelled}",
-    }
+
+    def fill(split, g, spec):
+        g["feats"][:] = feats.reshape(N_CROPS, GRID * GRID, DIM).astype(np.float16)
+        g["rgb"][:] = np.clip(rgb, 0, 255).astype(np.uint8)
+        g["image_index"][:] = np.arange(N_CROPS) // 5
+        if labelled:
+            g["patch_labels"][:] = pl.astype(np.int16)
+            g["labels"][:] = pl.repeat(PATCH, 1).repeat(PATCH, 2).astype(np.int16)
+
+    fake_cache(out, dim=DIM, patch=PATCH, num_classes=K, train=SplitSpec(N_CROPS, GRID, chunk=4),
+               labelled=labelled, fill=fill, class_names=CLASS_NAMES,
+               fingerprint=f"synthetic{seed}{labelled}", backbone="none")
     return pl
 
 
@@ -312,9 +310,9 @@ def mine_run(out, name: str, criterion: str = "ppap", **kw) -> C.MineConfig:
 
 
 @pytest.fixture(scope="module")
-def mined_store(tmp_path_factory):
+def mined_store(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("auditstore")
-    pl = make_store(out)
+    pl = make_store(fake_cache, out)
     mine_run(out, "ppap")
     mine_run(out, "p0", criterion="p0")
     mine_run(out, "hp", criterion="hp")
@@ -406,10 +404,10 @@ def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
         root.attrs["manifest"] = manifest
 
 
-def test_audit_refuses_unlabelled_cache(tmp_path):
+def test_audit_refuses_unlabelled_cache(fake_cache, tmp_path):
     from stages import audit as stage
 
-    make_store(tmp_path, labelled=False)
+    make_store(fake_cache, tmp_path, labelled=False)
     with pytest.raises(ValueError, match="no labels"):
         stage.run(C.AuditConfig(out=str(tmp_path), mined=("ppap",)))
 
@@ -487,10 +485,10 @@ def test_choose_images_order():
     np.testing.assert_array_equal(n_amb, [0, 0, 0, 2, 0])
 
 
-def test_sweep_base_from_matching_preset(tmp_path):
+def test_sweep_base_from_matching_preset(fake_cache, tmp_path):
     from stages import audit as stage
 
-    make_store(tmp_path)
+    make_store(fake_cache, tmp_path)
     root = zarr.open_group(str(tmp_path / "features.zarr"), mode="r+")
     root.attrs["manifest"] = {**root.attrs["manifest"], "dataset": "demo",
                               "backbone": "dinov2_vits14_offline"}

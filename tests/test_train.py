@@ -14,17 +14,19 @@ from pipeline import shards
 from pipeline.backbones import forward_tokens, load_backbone
 from pipeline.batching import anchor_rows, batch_plan
 from pipeline.config import TrainConfig
-from pipeline.featstore import STORE_NAME, FeatureStore, create_split
+from pipeline.featstore import STORE_NAME, FeatureStore
 from pipeline.mining import MineParams, mine_batch
 from pipeline.model import CKPT_FORMAT, load_trained
 from pipeline.store import ManifestMismatch, atomic_write_json, check_or_write_manifest
 from stages import train as T
 
+from conftest import SplitSpec
+
 N_CROPS, SIDE, GRID, K, B = 12, 64, 8, 3, 4  # vit_tiny_random has patch 8 -> 8x8 grid
 SEED = 0
 
 
-def _make_cache(out, labelled=True):
+def _make_cache(fake_cache, out, labelled=True):
     """features.zarr like stages/features.py writes it, from the tiny random backbone."""
     model, info, fp = load_backbone("vit_tiny_random", seed=SEED)
     g = torch.Generator().manual_seed(1)
@@ -37,26 +39,21 @@ def _make_cache(out, labelled=True):
     mid, feats = forward_tokens(model, x)
     labels = lab.numpy().astype(np.int16)
     labels[:, :2] = -1  # an ignored strip
-    manifest = dict(
-        dataset="synthetic", backbone="vit_tiny_random", seed=SEED, weights=None,
-        weights_fingerprint=fp, patch_size=info.patch_size, embed_dim=info.embed_dim,
-        num_classes=K, class_names=[f"c{i}" for i in range(K)], has_labels=labelled,
-        train_size=SIDE, eval_size=SIDE, grid_train=[GRID, GRID], grid_eval=[GRID, GRID],
-        fingerprint="synthetic-cache-0",
-    )
-    root = zarr.open_group(str(out / STORE_NAME), mode="w", zarr_format=3)
-    sp = create_split(root, "train", N_CROPS, n_tokens=1 + GRID * GRID, dim=info.embed_dim,
-                      grid=(GRID, GRID), side=SIDE, labelled=labelled, chunk=4)
-    sp["tokens"][:] = mid.numpy().astype(np.float16)
-    sp["feats"][:] = feats.numpy().astype(np.float16)
-    if labelled:
-        sp["labels"][:] = labels
-        sp["patch_labels"][:] = labels[:, ::SIDE // GRID, ::SIDE // GRID]
-    sp["rgb"][:] = 0
-    sp["image_index"][:] = np.arange(N_CROPS) // 5
-    sp["valid"][:] = 1
-    root.attrs["manifest"] = manifest
-    return FeatureStore(out)
+
+    def fill(split, sp, spec):
+        sp["tokens"][:] = mid.numpy().astype(np.float16)
+        sp["feats"][:] = feats.numpy().astype(np.float16)
+        if labelled:
+            sp["labels"][:] = labels
+            sp["patch_labels"][:] = labels[:, ::SIDE // GRID, ::SIDE // GRID]
+        sp["rgb"][:] = 0
+        sp["image_index"][:] = np.arange(N_CROPS) // 5
+
+    assert info.patch_size * GRID == SIDE
+    return fake_cache(out, dim=info.embed_dim, patch=info.patch_size, num_classes=K,
+                      train=SplitSpec(N_CROPS, GRID, chunk=4), labelled=labelled, fill=fill,
+                      fingerprint="synthetic-cache-0", backbone="vit_tiny_random", seed=SEED,
+                      weights=None, weights_fingerprint=fp)
 
 
 def _mine(out, store, name="ppap", plans=2, fingerprint=None):
@@ -82,9 +79,9 @@ def _mine(out, store, name="ppap", plans=2, fingerprint=None):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_cache")
-    store = _make_cache(out)
+    store = _make_cache(fake_cache, out)
     _mine(out, store)
     return out
 
@@ -266,8 +263,8 @@ def test_loss_chunking_does_not_change_training(out):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
 
 
-def test_unlabelled_cache_trains_without_linear_probe(tmp_path):
-    store = _make_cache(tmp_path, labelled=False)
+def test_unlabelled_cache_trains_without_linear_probe(fake_cache, tmp_path):
+    store = _make_cache(fake_cache, tmp_path, labelled=False)
     _mine(tmp_path, store, plans=1)
     summary = T.run(cfg_for(tmp_path, name="u", epochs=1, n_clusters=5))
     assert summary["finished"]
