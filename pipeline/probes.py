@@ -92,14 +92,16 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER,
-                     nredo: int = KMEANS_NREDO) -> np.ndarray:
+                     nredo: int = KMEANS_NREDO, normalise: bool = True) -> np.ndarray:
     """Centroids (k, D) float32 of spherical k-means on the rows of `x` (normalised here).
 
-    faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept.
+    faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept. The one
+    k-means of the project: probes (evaluate, selection) and the k-means mining criterion
+    (pipeline.mining.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
     """
     import faiss
 
-    x = unit_rows(x)
+    x = unit_rows(x) if normalise else np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
         raise ValueError(f"{len(x)} rows cannot make k={k} clusters; use more images or a smaller k")
     km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), nredo=int(nredo), seed=int(seed),
