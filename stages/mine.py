@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -338,7 +338,15 @@ def summarise(directory: Path, units: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def load_batch(out: str | Path, mined: str, epoch: int, batch: int):
+class LoadedBatch(NamedTuple):
+    """What `load_batch` returns (unpacks as `store, shard, F`)."""
+
+    store: FeatureStore
+    shard: shards.Shard
+    F: np.ndarray  # (B*h*w, D) float32 unit mining features of the shard's crops
+
+
+def load_batch(out: str | Path, mined: str, epoch: int, batch: int) -> LoadedBatch:
     """(store, shard, F) of one finished batch, checked against the cache it was mined from."""
     store = FeatureStore(out)
     directory = mine_dir(out, mined)
@@ -356,7 +364,7 @@ def load_batch(out: str | Path, mined: str, epoch: int, batch: int):
                          f"(no {path.name} with its .done marker); check --epoch/--batch or "
                          "rerun `ppap-pipe mine`")
     shard = shards.read_shard(path)
-    return store, shard, store.mining_features(shard.images)
+    return LoadedBatch(store, shard, store.mining_features(shard.images))
 
 
 def export(out: str | Path, mined: str, epoch: int, batch: int, to: str | Path) -> Path:

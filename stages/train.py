@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -208,12 +208,20 @@ def _device(cfg: C.TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig):
+class Optimisers(NamedTuple):
+    """What `make_optimisers` returns (unpacks as `net, linear, cluster`)."""
+
+    net: torch.optim.Optimizer  # the branch (block copy + head)
+    linear: torch.optim.Optimizer | None  # None without a linear probe
+    cluster: torch.optim.Optimizer
+
+
+def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig) -> Optimisers:
     """(net, linear probe or None, cluster probe) optimisers as configured."""
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt_net = opt_cls(branch.net_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_lin = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr) if linear is not None else None
-    return opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr)
+    return Optimisers(opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr))
 
 
 @torch.enable_grad()  # callers (or an earlier stage in this process) may have disabled it
