@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import metrics as M
+from pipeline.metrics import cluster_scores
 from pipeline.config import EvalConfig
 from pipeline.featstore import FeatureStore
 from stages import evaluate
@@ -123,7 +123,7 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
     assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"}
     for name in confs.files:
         assert confs[name].shape == (K, K) and confs[name].sum() == n_valid_px
-    s, _ = M.cluster_scores(confs["cluster_no_crf"])
+    s, _ = cluster_scores(confs["cluster_no_crf"])
     assert s.accuracy == pytest.approx(on_disk["no_crf"]["cluster_acc"])
     # images and config
     for png in ("confusion.png", "predictions.png"):
@@ -222,15 +222,15 @@ def _random_probes(store: FeatureStore, seed: int) -> tuple[torch.Tensor, dict]:
 
 
 def test_fitted_probes_are_converged_and_recorded(frozen_report):
-    from pipeline import probes as P
+    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2
 
     info = frozen_report["model"]
     assert frozen_report["probes"] == "refit"  # the baseline always fits its probes
     assert info["fit_code"] == "frozen features"
-    assert info["kmeans_niter"] == P.KMEANS_NITER and info["kmeans_nredo"] == P.KMEANS_NREDO
+    assert info["kmeans_niter"] == KMEANS_NITER and info["kmeans_nredo"] == KMEANS_NREDO
     # the linear probe ran L-BFGS to its gradient tolerance, on every training patch
     assert info["linear_converged"] is True, info
-    assert info["linear_l2"] == P.LINEAR_L2 and info["linear_rows"] == N_TRAIN * (TRAIN_SIDE // PATCH) ** 2
+    assert info["linear_l2"] == LINEAR_L2 and info["linear_rows"] == N_TRAIN * (TRAIN_SIDE // PATCH) ** 2
 
 
 def test_refit_at_init_matches_frozen_baseline(store_dir, frozen_report, frozen_probes):
