@@ -13,7 +13,10 @@ from typing import List, Optional
 import typer
 
 from pipeline import __version__
-from pipeline import config as C
+from pipeline.config import (
+    AuditConfig, EvalConfig, FeaturesConfig, MineConfig, PRESETS, ShowConfig, SweepConfig,
+    TrainConfig, resolve,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -26,7 +29,7 @@ log = logging.getLogger("ppap.cli")
 
 # shared option declarations -----------------------------------------------------------
 OUT = typer.Option(None, "--out", help="Run directory (default data_cache/<preset or demo>).")
-PRESET = typer.Option(None, "--preset", help=f"One of: {', '.join(C.PRESETS)}.")
+PRESET = typer.Option(None, "--preset", help=f"One of: {', '.join(PRESETS)}.")
 CONFIG = typer.Option(None, "--config", help="TOML/JSON file of option values (flat, or [stage] tables).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N.")
 WORKERS = typer.Option(None, "--workers", help="Local dask worker processes (0 = in this process).")
@@ -66,7 +69,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _resolve(cls, stage: str, preset, config, **flags):
     flags["out"] = _default_out(preset, flags.get("out"))
-    return C.resolve(cls, preset=preset, config_file=config, stage=stage, **flags)
+    return resolve(cls, preset=preset, config_file=config, stage=stage, **flags)
 
 
 @app.callback()
@@ -104,7 +107,7 @@ def features(
     """Stage 1: cache the frozen backbone's tokens of a dataset in Zarr (resumable)."""
     from stages import features as stage
 
-    cfg = _resolve(C.FeaturesConfig, "features", preset, config, out=out, dataset=dataset,
+    cfg = _resolve(FeaturesConfig, "features", preset, config, out=out, dataset=dataset,
                    data_root=data_root, classes=classes, backbone=backbone, weights=weights,
                    splits=tuple(splits) if splits else None, train_size=train_size,
                    eval_size=eval_size, chunk_size=chunk_size, batch_size=batch_size, limit=limit,
@@ -140,7 +143,7 @@ def mine(
     """Stage 2: mine PPAP (or P0/HP/k-means) sets on fixed seeded batches into shards."""
     from stages import mine as stage
 
-    cfg = _resolve(C.MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
+    cfg = _resolve(MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
                    phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
                    sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
                    epochs=epochs, holdout=holdout, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k, backend=backend,
@@ -196,7 +199,7 @@ def train(
     """Stage 3: train the last-block copy + head from cached tokens and mined shards (resumable)."""
     from stages import train as stage
 
-    cfg = _resolve(C.TrainConfig, "train", preset, config, out=out, mined=mined, name=name,
+    cfg = _resolve(TrainConfig, "train", preset, config, out=out, mined=mined, name=name,
                    epochs=epochs, tau=tau, parity_factor=parity_factor, optimizer=optimizer, lr=lr,
                    weight_decay=weight_decay, probe_lr=probe_lr, cluster_lr=cluster_lr,
                    grad_clip=grad_clip, anchor_chunk=anchor_chunk, ckpt_every=ckpt_every,
@@ -224,11 +227,11 @@ def sweep_train(
     """Train a grid of runs and tabulate their held-out (training-split) scores; never reads the evaluation split."""
     from stages import sweep as stage
 
-    cfg = C.resolve(C.SweepConfig, config_file=config, stage="sweep-train",
-                   out=_default_out(preset, out), mined=mined, name=name,
-                   grid=tuple(grid) if grid else None, fixed=tuple(fixed) if fixed else None,
-                   preset=preset, epochs=epochs, max_steps=max_steps, select_every=select_every,
-                   device=device, seed=seed)
+    cfg = resolve(SweepConfig, config_file=config, stage="sweep-train",
+                  out=_default_out(preset, out), mined=mined, name=name,
+                  grid=tuple(grid) if grid else None, fixed=tuple(fixed) if fixed else None,
+                  preset=preset, epochs=epochs, max_steps=max_steps, select_every=select_every,
+                  device=device, seed=seed)
     stage.run(cfg)
 
 
@@ -259,7 +262,7 @@ def evaluate(
     """Stage 4: Hungarian-matched cluster and linear-probe metrics, with and without CRF."""
     from stages import evaluate as stage
 
-    cfg = _resolve(C.EvalConfig, "eval", preset, config, out=out, trained=trained,
+    cfg = _resolve(EvalConfig, "eval", preset, config, out=out, trained=trained,
                    baseline=baseline, crf=crf, workers=workers, n_show=n_show, probes=probes,
                    checkpoint=checkpoint, device=device, seed=seed)
     stage.run(cfg)
@@ -284,7 +287,7 @@ def audit(
     """Precision of mined sets against ground truth, side by side (paper Table 6, Fig. 1b)."""
     from stages import audit as stage
 
-    cfg = _resolve(C.AuditConfig, "audit", preset, config, out=out,
+    cfg = _resolve(AuditConfig, "audit", preset, config, out=out,
                    mined=tuple(mined) if mined else None, epoch=epoch, batches=batches,
                    max_anchors=max_anchors, sweep=tuple(sweep) if sweep else None, json=json_out,
                    plot=plot, backend=backend, device=device, seed=seed)
@@ -306,7 +309,7 @@ def show(
     """Render anchors with their positive and ambiguous patches on every image of the batch."""
     from stages import show as stage
 
-    cfg = _resolve(C.ShowConfig, "show", preset, None, out=out, mined=mined, epoch=epoch,
+    cfg = _resolve(ShowConfig, "show", preset, None, out=out, mined=mined, epoch=epoch,
                    batch=batch, anchors=tuple(anchor) if anchor else None, random=random,
                    dest=dest, seed=seed)
     for p in stage.run(cfg):

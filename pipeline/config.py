@@ -137,6 +137,19 @@ SELECT_METRICS = ("cluster_miou", "linear_miou", "labelfree")
 CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
 
 
+def check_mine_params(phi0: float, psi0: float, prop_iters: int, sigma_pos: float,
+                      sigma_amb: float) -> None:
+    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.MineParams."""
+    for name, v in (("phi0", phi0), ("psi0", psi0)):
+        if not (-1.0 <= float(v) <= 1.0):
+            raise ValueError(f"{name}={v} must be a cosine in [-1, 1]")
+    if int(prop_iters) != prop_iters or prop_iters < 0:
+        raise ValueError(f"prop_iters={prop_iters} must be an integer >= 0 (0 = anchor itself)")
+    for name, v in (("sigma_pos", sigma_pos), ("sigma_amb", sigma_amb)):
+        if not float(v) > 0:
+            raise ValueError(f"{name}={v} must be > 0 (it divides the proxy movement)")
+
+
 @dataclass(frozen=True)
 class MineConfig:
     out: str = "data_cache/demo"  # run directory holding features.zarr
@@ -166,18 +179,11 @@ class MineConfig:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion={self.criterion!r}: choose one of {', '.join(CRITERIA)}")
-        if not (-1.0 <= self.phi0 <= 1.0):
-            raise ValueError(f"phi0={self.phi0} must be a cosine in [-1, 1]")
+        check_mine_params(self.phi0, self.psi0, self.prop_iters, self.sigma_pos, self.sigma_amb)
         if self.criterion == "ppap" and self.psi0 >= self.phi0:
             raise ValueError(
                 f"phi0={self.phi0} must be greater than psi0={self.psi0}; lower --psi0 or raise --phi0"
             )
-        if self.prop_iters < 0:
-            raise ValueError(f"prop_iters={self.prop_iters} must be >= 0 (0 = anchor itself)")
-        for name in ("sigma_pos", "sigma_amb"):
-            v = getattr(self, name)
-            if not v > 0:
-                raise ValueError(f"{name}={v} must be > 0 (it divides the proxy movement)")
         if self.kmeans_k is not None and self.kmeans_k <= 1:
             raise ValueError(f"kmeans_k={self.kmeans_k} must be at least 2")
         for name in ("batch_size", "epochs", "hp_pool_size", "mem_budget_mb"):

@@ -36,7 +36,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -170,8 +170,25 @@ class ClusterProbe(nn.Module):
         return -self.scores(code).max(dim=1).values.mean()
 
 
+class Model(NamedTuple):
+    """The trained modules (unpacks as `branch, linear, cluster`)."""
+
+    branch: FineTunedBranch
+    linear: LinearProbe | None  # None for a cache without labels
+    cluster: ClusterProbe
+
+
+class TrainedModel(NamedTuple):
+    """What `load_trained` returns (unpacks as `branch, linear, cluster, config`)."""
+
+    branch: FineTunedBranch
+    linear: LinearProbe | None
+    cluster: ClusterProbe
+    config: dict[str, Any]  # resolved TrainConfig dict + model/fingerprints/step/epoch
+
+
 def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
-                n_clusters: int | None = None, seed: int = 0, device: str = "cpu"):
+                n_clusters: int | None = None, seed: int = 0, device: str = "cpu") -> Model:
     """(branch, linear_probe or None, cluster_probe) for a feature-cache manifest.
 
     The branch copies `backbone`'s last block and norm; head and probes are drawn from one
@@ -190,7 +207,7 @@ def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
         linear = LinearProbe(dim, int(manifest["num_classes"]), gen)
     cluster = ClusterProbe(dim, k, gen)
     mods = (branch, linear, cluster)
-    return tuple(m.to(device) if m is not None else None for m in mods)
+    return Model(*(m.to(device) if m is not None else None for m in mods))
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str | None = None) -> Any:
@@ -220,7 +237,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str | None
     return ckpt
 
 
-def load_trained(ckpt_path: str | Path, device: str = "cpu"):
+def load_trained(ckpt_path: str | Path, device: str = "cpu") -> TrainedModel:
     """(branch, linear_probe or None, cluster_probe, cfg) from a training checkpoint, in eval mode.
 
     `cfg` is the resolved TrainConfig dict plus keys `model` (see the module docstring),
@@ -240,8 +257,8 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     dim = int(meta["embed_dim"])
     from pipeline.backbones import load_backbone
 
-    backbone, _, _ = load_backbone(meta["backbone"], weights=meta.get("weights"), device="cpu",
-                                   seed=int(meta.get("backbone_seed") or 0))
+    backbone = load_backbone(meta["backbone"], weights=meta.get("weights"), device="cpu",
+                             seed=int(meta.get("backbone_seed") or 0)).model
     block, norm = last_block_and_norm(backbone)
     gen = torch.Generator().manual_seed(0)  # initial values are overwritten by the state dicts
     branch = FineTunedBranch(block, norm, tuple(meta["grid"]), dim, generator=gen)
@@ -260,4 +277,4 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     for m in mods:
         if m is not None:
             m.requires_grad_(False)
-    return mods[0], mods[1], mods[2], cfg
+    return TrainedModel(mods[0], mods[1], mods[2], cfg)

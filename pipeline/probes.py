@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import metrics as M
+from pipeline.metrics import Confusion, Scores, cluster_scores, confusion, linear_scores
 
 log = logging.getLogger("ppap.probes")
 
@@ -92,14 +92,16 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER,
-                     nredo: int = KMEANS_NREDO) -> np.ndarray:
+                     nredo: int = KMEANS_NREDO, normalise: bool = True) -> np.ndarray:
     """Centroids (k, D) float32 of spherical k-means on the rows of `x` (normalised here).
 
-    faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept.
+    faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept. The one
+    k-means of the project: probes (evaluate, selection) and the k-means mining criterion
+    (pipeline.mining.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
     """
     import faiss
 
-    x = unit_rows(x)
+    x = unit_rows(x) if normalise else np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
         raise ValueError(f"{len(x)} rows cannot make k={k} clusters; use more images or a smaller k")
     km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), nredo=int(nredo), seed=int(seed),
@@ -239,18 +241,18 @@ def fit_linear(x: np.ndarray, targets: np.ndarray, num_classes: int | None = Non
 
 
 def cluster_miou(x: np.ndarray, patch_labels: np.ndarray, k: int, seed: int,
-                 num_classes: int | None = None) -> M.Scores:
+                 num_classes: int | None = None) -> Scores:
     """Spherical k-means (k clusters) of the rows, Hungarian-matched to patch labels (-1 ignored)."""
     num_classes = num_classes or k
     cent = spherical_kmeans(x, k, seed)
     pred = assign(x, cent)
-    conf = M.confusion(patch_labels, pred, num_classes, k)
-    return M.cluster_scores(conf)[0]
+    conf = confusion(patch_labels, pred, num_classes, k)
+    return cluster_scores(conf)[0]
 
 
 def crossfit_linear_miou(x: np.ndarray, hist: np.ndarray, patch_labels: np.ndarray,
                          groups: np.ndarray, num_classes: int, folds: int = 2,
-                         seed: int = 0) -> M.Scores:
+                         seed: int = 0) -> Scores:
     """Linear-probe mIoU by cross-fitting: source images (`groups`) are split into `folds`
     seeded folds; each fold is predicted by a probe fitted to convergence on the others."""
     uniq = np.unique(groups)
@@ -259,10 +261,10 @@ def crossfit_linear_miou(x: np.ndarray, hist: np.ndarray, patch_labels: np.ndarr
     rng = np.random.default_rng([seed, 0x4C50])
     fold_of = dict(zip(uniq.tolist(), (rng.permutation(len(uniq)) % folds).tolist()))
     f = np.array([fold_of[g] for g in groups.tolist()])
-    conf = M.Confusion(num_classes)
+    conf = Confusion(num_classes)
     for i in range(folds):
         test = f == i
         fit = fit_linear(x[~test], hist[~test])
         conf.update(patch_labels[test], fit.predict(x[test]))
-    return M.linear_scores(conf.matrix)
+    return linear_scores(conf.matrix)
 

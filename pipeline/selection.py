@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import probes as P
+from pipeline import probes
 from pipeline.featstore import FeatureStore, take_rows
 
 log = logging.getLogger("ppap.selection")
@@ -66,7 +66,7 @@ class Holdout:
         labels = hist = None
         if store.has_labels:
             labels = take_rows(g["patch_labels"], crops).reshape(-1).astype(np.int64)
-            hist = P.patch_histograms(take_rows(g["labels"], crops), (h, w), store.num_classes)
+            hist = probes.patch_histograms(take_rows(g["labels"], crops), (h, w), store.num_classes)
         return cls(crops, tokens, groups, labels, hist, store.num_classes, (h, w))
 
     def code(self, branch) -> np.ndarray:
@@ -84,13 +84,13 @@ class Holdout:
 
     def score(self, branch, seed: int) -> dict[str, Any]:
         x = self.code(branch)
-        rec: dict[str, Any] = P.code_stats(x).as_dict()
+        rec: dict[str, Any] = probes.code_stats(x).as_dict()
         if self.patch_labels is not None:
-            cs = P.cluster_miou(x, self.patch_labels, self.num_classes, seed)
+            cs = probes.cluster_miou(x, self.patch_labels, self.num_classes, seed)
             rec.update(cluster_miou=round(cs.miou, 3), cluster_acc=round(cs.accuracy, 3))
             if self.n_images >= 2:
-                ls = P.crossfit_linear_miou(x, self.histograms, self.patch_labels, self.groups,
-                                            self.num_classes, folds=2, seed=seed)
+                ls = probes.crossfit_linear_miou(x, self.histograms, self.patch_labels, self.groups,
+                                                 self.num_classes, folds=2, seed=seed)
                 rec.update(linear_miou=round(ls.miou, 3), linear_acc=round(ls.accuracy, 3))
         return rec
 

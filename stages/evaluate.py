@@ -39,13 +39,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from pipeline import config as C
-from pipeline import crf as crf_mod
-from pipeline import metrics as M
-from pipeline import probes as P
+from pipeline.config import EvalConfig, to_dict
+from pipeline.crf import CRFPool, cluster_probs, softmax
 from pipeline.executor import progress, timed
 from pipeline.featstore import FeatureStore, normalise
 from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
+from pipeline.metrics import Confusion, cluster_scores, linear_scores, matched_confusion
+from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, fit_linear, patch_histograms, spherical_kmeans
 from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
 from pipeline.viz import colourise, palette
 
@@ -117,7 +117,7 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
     return CodeSource(f"{name} branch code", 4, read)
 
 
-def checkpoint_path(cfg: C.EvalConfig) -> Path:
+def checkpoint_path(cfg: EvalConfig) -> Path:
     """`<out>/train/<trained>/<checkpoint>.pt`, checked to exist (with advice when it does not)."""
     run_dir = Path(cfg.out) / "train" / cfg.trained
     ckpt = run_dir / f"{cfg.checkpoint}.pt"
@@ -135,7 +135,7 @@ def checkpoint_path(cfg: C.EvalConfig) -> Path:
     )
 
 
-def _default_checkpoint(cfg: C.EvalConfig) -> C.EvalConfig:
+def _default_checkpoint(cfg: EvalConfig) -> EvalConfig:
     """`--checkpoint best` (the default) of a run that never selected (no held-out images, or
     --select-every 0) falls back to its last checkpoint, saying so; an explicit choice of a run
     that did select is never changed."""
@@ -151,7 +151,7 @@ def _default_checkpoint(cfg: C.EvalConfig) -> C.EvalConfig:
     return cfg
 
 
-def _load_checkpoint(cfg: C.EvalConfig, store: FeatureStore):
+def _load_checkpoint(cfg: EvalConfig, store: FeatureStore):
     from pipeline.model import load_trained
 
     ckpt = checkpoint_path(cfg)
@@ -167,7 +167,7 @@ def _load_checkpoint(cfg: C.EvalConfig, store: FeatureStore):
     return branch, linear, cluster, info
 
 
-def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+def _trained_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     branch, linear, cluster, info = _load_checkpoint(cfg, store)
     grid = store.grid(EVAL_SPLIT)
     dev = torch.device(cfg.device)
@@ -186,7 +186,7 @@ def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
     return Probes(name, "tokens", code, linear, cluster, info)
 
 
-def report_name(cfg: C.EvalConfig) -> str:
+def report_name(cfg: EvalConfig) -> str:
     """eval/<name>: 'frozen', or '<run>-<checkpoint>' (+ '-trained-probes' with --probes trained)."""
     if cfg.baseline == "frozen":
         return "frozen"
@@ -239,7 +239,7 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Spherical k-means centroids (k, D) of the rows `x` (pipeline.probes, seeded restarts)."""
     if len(x) < k:
         raise ValueError(f"{len(x)} training patches cannot make {k} clusters; cache more training images")
-    return P.spherical_kmeans(x, k, seed)
+    return spherical_kmeans(x, k, seed)
 
 
 def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
@@ -268,11 +268,11 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
             f = source.read(idx)
             xs.append(np.asarray(f, dtype=np.float32).reshape(-1, f.shape[-1]))
             lab = g["labels"].get_orthogonal_selection((idx, slice(None), slice(None)))
-            hs.append(P.patch_histograms(lab, grid, store.num_classes))
+            hs.append(patch_histograms(lab, grid, store.num_classes))
             bar.update(1)
     x, hist = np.concatenate(xs), np.concatenate(hs)
     del xs, hs
-    fit = P.fit_linear(x, hist, device=device)
+    fit = fit_linear(x, hist, device=device)
     log.info("linear probe on %s: %d rows, L-BFGS %d iterations, max gradient %.1e, loss %.4f",
              source.name, len(x), fit.iterations, fit.grad_max, fit.loss)
     gen = torch.Generator().manual_seed(int(seed))
@@ -285,7 +285,7 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     return probe
 
 
-def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
+def _fit_probes(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
     """(linear, cluster, info): seeded spherical k-means (K = classes) and a linear probe fitted
     to convergence, both on `source`'s training-split code; the same path for every model."""
     from pipeline.model import ClusterProbe
@@ -301,12 +301,12 @@ def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
     cluster = cluster.to(dev).eval().requires_grad_(False)
     with timed(f"linear probe on {source.name}", log):
         linear = fit_linear_probe(store, cfg.seed, dev, source)
-    info = {"fit_code": source.name, "kmeans_rows": int(len(x)), "kmeans_niter": P.KMEANS_NITER,
-            "kmeans_nredo": P.KMEANS_NREDO, **linear.fit_info}
+    info = {"fit_code": source.name, "kmeans_rows": int(len(x)), "kmeans_niter": KMEANS_NITER,
+            "kmeans_nredo": KMEANS_NREDO, **linear.fit_info}
     return linear, cluster, info
 
 
-def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+def _frozen_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     linear, cluster, info = _fit_probes(cfg, store, frozen_source(store))
     code = _frozen_code_fn(store, EVAL_SPLIT, torch.device(cfg.device))
     return Probes("frozen", "feats", code, linear, cluster, info)
@@ -327,7 +327,7 @@ def _show_indices(n: int, n_show: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n_show, n))})
 
 
-def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
+def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
     """Stream the val split; returns confusion matrices and the predictions of shown images."""
     g = store.split(EVAL_SPLIT)
     if "labels" not in g:
@@ -339,7 +339,7 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     c = probes.cluster.n_clusters
     if probes.linear.num_classes != k:
         raise ValueError(f"linear probe has {probes.linear.num_classes} classes, the cache {k}")
-    conf = {(p, on): M.Confusion(k, c if p == "cluster" else k)
+    conf = {(p, on): Confusion(k, c if p == "cluster" else k)
             for p in ("cluster", "linear") for on in ((False, True) if cfg.crf else (False,))}
     show_at = set(_show_indices(len(rows), cfg.n_show))
     shown: dict[int, dict[str, np.ndarray]] = {}
@@ -347,7 +347,7 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     size = (int(g["labels"].shape[-2]), int(g["labels"].shape[-1]))  # labels and rgb: S x S
     per_step = max(1, (UPSAMPLE_BUDGET_MB << 20) // (store.embed_dim * size[0] * size[1] * 4))
 
-    pool = crf_mod.CRFPool(cfg.workers) if cfg.crf else None
+    pool = CRFPool(cfg.workers) if cfg.crf else None
     window = 2 * pool.workers if pool else 0
     pending: dict[int, Future] = {}
     crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)
@@ -378,8 +378,8 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
                     cl_pred = cos.argmax(1).cpu().numpy()
                     li_pred = logits.argmax(1).cpu().numpy()
                     if pool is not None:
-                        p_cl = crf_mod.cluster_probs(cos.cpu().numpy(), axis=1)
-                        p_li = crf_mod.softmax(logits.cpu().numpy(), axis=1)
+                        p_cl = cluster_probs(cos.cpu().numpy(), axis=1)
+                        p_li = softmax(logits.cpu().numpy(), axis=1)
                     for j in range(cl_pred.shape[0]):
                         pos = b0 + s + j
                         gt = labels[s + j]
@@ -416,8 +416,8 @@ def summarise(confs: dict[tuple[str, bool], np.ndarray], crf_on: bool) -> tuple[
     mappings: dict[str, list[int]] = {}
     for on in ((False, True) if crf_on else (False,)):
         tag = "crf" if on else "no_crf"
-        cs, mapping = M.cluster_scores(confs[("cluster", on)])
-        ls = M.linear_scores(confs[("linear", on)])
+        cs, mapping = cluster_scores(confs[("cluster", on)])
+        ls = linear_scores(confs[("linear", on)])
         out[tag] = {
             "cluster_acc": cs.accuracy, "cluster_miou": cs.miou,
             "linear_acc": ls.accuracy, "linear_miou": ls.miou,
@@ -503,7 +503,7 @@ def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
 
 
 @releases_locks
-def run(cfg: C.EvalConfig) -> dict[str, Any]:
+def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`
     (see `report_name`)."""
     t0 = time.perf_counter()
@@ -544,7 +544,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     }
     hold_lock(dest, "evaluation")  # the run it reads needs no lock
     clean_orphans(dest)
-    atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
+    atomic_write_json(dest / "config.json", {**to_dict(cfg), "name": name})
     if fitted:  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()
         torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
@@ -555,7 +555,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     np.savez_compressed(buf, **{f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()})
     atomic_write_bytes(dest / "confusion.npz", buf.getvalue())
     mapping_arr = {t: np.asarray(v) for t, v in mappings.items()}
-    matched = M.matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
+    matched = matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
     if not (matched[:, -1] > 0).any():
         matched = matched[:, :-1]
     atomic_write_bytes(dest / "confusion.png",

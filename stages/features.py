@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import config as C
+from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
 from pipeline.featstore import (STORE_NAME, _array_metas, check_units, chunk_key, chunk_records,
                                 create_split, marker_path)
@@ -52,7 +52,7 @@ class Unit:
         return self.stop - self.start
 
 
-def _side(cfg: C.FeaturesConfig, split: str) -> int:
+def _side(cfg: FeaturesConfig, split: str) -> int:
     return cfg.train_size if split == "train" else cfg.eval_size
 
 
@@ -71,7 +71,7 @@ def _backbone(name: str, weights: str | None, device: str, seed: int):
     return load_backbone(name, weights=weights, device=device, seed=seed)
 
 
-def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
+def _describe(cfg: FeaturesConfig) -> dict[str, Any]:
     """Identity of the cache: everything that changes its contents."""
     from pipeline.backbones import input_size
 
@@ -109,7 +109,7 @@ def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
     }
     manifest = {
         **identity,
-        "fingerprint": C.config_hash(identity),
+        "fingerprint": config_hash(identity),
         "weights": cfg.weights,
         "patch_size": info.patch_size,
         "embed_dim": info.embed_dim,
@@ -124,7 +124,7 @@ def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
     return manifest
 
 
-def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
+def _prepare_store(cfg: FeaturesConfig, manifest: dict[str, Any]):
     import zarr
 
     out = Path(cfg.out)
@@ -160,7 +160,7 @@ def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
     return root
 
 
-def _units(cfg: C.FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
+def _units(cfg: FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
     units = []
     for split, s in manifest["splits"].items():
         n = s["n_images"]
@@ -169,7 +169,7 @@ def _units(cfg: C.FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
     return units
 
 
-def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
+def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
     import torch
     import zarr
@@ -258,7 +258,7 @@ def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
     return stats
 
 
-def _check_done_units(cfg: C.FeaturesConfig, manifest: dict[str, Any], units: list[Unit]) -> set[str]:
+def _check_done_units(cfg: FeaturesConfig, manifest: dict[str, Any], units: list[Unit]) -> set[str]:
     """Keys of units whose marker and chunk files are intact (checksums verified).
 
     Damaged units (missing/cut-off chunk file, checksum mismatch, empty marker) lose their
@@ -287,7 +287,7 @@ def _check_done_units(cfg: C.FeaturesConfig, manifest: dict[str, Any], units: li
 
 
 @releases_locks
-def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
+def run(cfg: FeaturesConfig) -> dict[str, Any]:
     """Fill `<out>/features.zarr`; resumable; refuses to mix caches made from other inputs."""
     require_device(cfg.device)
     # absolute paths: dask workers may start elsewhere
@@ -309,7 +309,7 @@ def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
         what="feature cache",
     )
     _prepare_store(cfg, manifest)
-    atomic_write_json(out / "features_config.json", C.to_dict(cfg))
+    atomic_write_json(out / "features_config.json", to_dict(cfg))
     markers = Markers(out / "markers" / "features")
     units = _units(cfg, manifest)
     intact = _check_done_units(cfg, manifest, units)

@@ -21,12 +21,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pipeline import batching, mining, shards
-from pipeline import config as C
+from pipeline.config import MineConfig, to_dict
 from pipeline.executor import run_units
 from pipeline.featstore import FeatureStore, normalise, take_rows
 from pipeline.integrity import (CorruptArtifact, clean_orphans, hold_lock, read_checked, releases_locks,
@@ -55,12 +55,12 @@ def _split(out: str, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]
     return batching.holdout_split(seed, g["image_index"][:], g["valid"][:], holdout)
 
 
-def train_items(cfg: C.MineConfig) -> np.ndarray:
+def train_items(cfg: MineConfig) -> np.ndarray:
     """Training crops that may be mined: readable, and not held out for selection."""
     return _split(cfg.out, cfg.seed, cfg.holdout)[0]
 
 
-def holdout_items(cfg: C.MineConfig) -> np.ndarray:
+def holdout_items(cfg: MineConfig) -> np.ndarray:
     """Crops of the held-out source images (never mined, never trained on)."""
     return _split(cfg.out, cfg.seed, cfg.holdout)[1]
 
@@ -70,18 +70,18 @@ def _plan(seed: int, epoch: int, n_items: int, batch_size: int) -> list[np.ndarr
     return batching.batch_plan(seed, epoch, n_items, batch_size)
 
 
-def batch_images(cfg: C.MineConfig, epoch: int, batch: int) -> np.ndarray:
+def batch_images(cfg: MineConfig, epoch: int, batch: int) -> np.ndarray:
     """Crop indices (into the cache's train split) of batch `batch` of plan `epoch`."""
     items = train_items(cfg)
     return items[_plan(cfg.seed, epoch, len(items), cfg.batch_size)[batch]]
 
 
-def _params(cfg: C.MineConfig) -> mining.MineParams:
+def _params(cfg: MineConfig) -> mining.MineParams:
     return mining.MineParams(phi0=cfg.phi0, psi0=cfg.psi0, prop_iters=cfg.prop_iters,
                              sigma_pos=cfg.sigma_pos, sigma_amb=cfg.sigma_amb)
 
 
-def _identity(cfg: C.MineConfig, store: FeatureStore) -> dict[str, Any]:
+def _identity(cfg: MineConfig, store: FeatureStore) -> dict[str, Any]:
     """Everything that changes the shards (not: epochs, workers, memory budget)."""
     ident: dict[str, Any] = {
         "features_fingerprint": store.fingerprint,
@@ -105,7 +105,7 @@ def _identity(cfg: C.MineConfig, store: FeatureStore) -> dict[str, Any]:
     return ident
 
 
-def _kmeans_k(cfg: C.MineConfig, store: FeatureStore) -> int:
+def _kmeans_k(cfg: MineConfig, store: FeatureStore) -> int:
     if cfg.kmeans_k is not None:
         return cfg.kmeans_k
     if store.num_classes < 2:
@@ -156,7 +156,7 @@ def _rows(store: FeatureStore, crops: np.ndarray, patches: np.ndarray) -> np.nda
     return normalise(block[inv, patches])
 
 
-def criterion_state(cfg: C.MineConfig, store: FeatureStore, directory: Path,
+def criterion_state(cfg: MineConfig, store: FeatureStore, directory: Path,
                     repair: bool = False) -> dict[str, Any]:
     """HP pool or k-means centroids: drawn once (seeded) from the mined crops (the training split less the holdout), saved."""
     items = train_items(cfg)
@@ -190,7 +190,7 @@ def _limit_threads(workers: int) -> None:
         faiss.omp_set_num_threads(n)
 
 
-def process_batch(unit: tuple[int, int], cfg: C.MineConfig) -> dict[str, Any]:
+def process_batch(unit: tuple[int, int], cfg: MineConfig) -> dict[str, Any]:
     """Mine batch `unit = (epoch, batch)` and write its shard + marker. Safe to redo."""
     epoch, batch = unit
     _limit_threads(cfg.workers)
@@ -241,7 +241,7 @@ def _check_population(directory: Path, items: dict[str, Any], store: FeatureStor
     return False
 
 
-def _complete_plans(cfg: C.MineConfig, directory: Path, n_items: int) -> int:
+def _complete_plans(cfg: MineConfig, directory: Path, n_items: int) -> int:
     e = 0
     while all(shards.is_done(shards.shard_path(directory, e, b))
               for b in range(len(_plan(cfg.seed, e, n_items, cfg.batch_size)))):
@@ -268,7 +268,7 @@ def _todo(directory: Path, units: list[tuple[int, int]]) -> list[tuple[int, int]
 
 
 @releases_locks
-def run(cfg: C.MineConfig) -> dict[str, Any]:
+def run(cfg: MineConfig) -> dict[str, Any]:
     """Mine every (epoch, batch) of `cfg.epochs` batch plans; resumable; refuses to mix."""
     require_device(cfg.device)
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
@@ -294,10 +294,10 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
     clean_orphans(directory)
     old_manifest = (directory / "manifest.json").is_file()
     record = check_or_write_manifest(directory / "manifest.json", identity,
-                                     extra={"config": C.to_dict(cfg), "items": population},
+                                     extra={"config": to_dict(cfg), "items": population},
                                      what="mined-set directory")  # other settings: refused first
     legacy = old_manifest and _check_population(directory, population, store)
-    atomic_write_json(directory / "config.json", C.to_dict(cfg))
+    atomic_write_json(directory / "config.json", to_dict(cfg))
     if legacy:  # state drawn by an older version may come from other crops: draw it again
         for name in ("hp_pool.npy", "kmeans_centroids.npy"):
             (directory / name).unlink(missing_ok=True)
@@ -313,7 +313,7 @@ def run(cfg: C.MineConfig) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(directory / "summary.json", summary)
     # the manifest says what the directory holds now (extended epochs included)
-    record = {**record, "config": C.to_dict(cfg), "items": population,
+    record = {**record, "config": to_dict(cfg), "items": population,
               "plans": _complete_plans(cfg, directory, len(items))}
     atomic_write_json(directory / "manifest.json", record)
     log.info("mine %s: mean |P| %.1f, |A| %.1f, |N| %.1f, no-positive anchors %d, %.0f bytes/anchor",
@@ -338,7 +338,15 @@ def summarise(directory: Path, units: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def load_batch(out: str | Path, mined: str, epoch: int, batch: int):
+class LoadedBatch(NamedTuple):
+    """What `load_batch` returns (unpacks as `store, shard, F`)."""
+
+    store: FeatureStore
+    shard: shards.Shard
+    F: np.ndarray  # (B*h*w, D) float32 unit mining features of the shard's crops
+
+
+def load_batch(out: str | Path, mined: str, epoch: int, batch: int) -> LoadedBatch:
     """(store, shard, F) of one finished batch, checked against the cache it was mined from."""
     store = FeatureStore(out)
     directory = mine_dir(out, mined)
@@ -356,7 +364,7 @@ def load_batch(out: str | Path, mined: str, epoch: int, batch: int):
                          f"(no {path.name} with its .done marker); check --epoch/--batch or "
                          "rerun `ppap-pipe mine`")
     shard = shards.read_shard(path)
-    return store, shard, store.mining_features(shard.images)
+    return LoadedBatch(store, shard, store.mining_features(shard.images))
 
 
 def export(out: str | Path, mined: str, epoch: int, batch: int, to: str | Path) -> Path:

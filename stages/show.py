@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline import config as C
+from pipeline.config import ShowConfig
 from pipeline.featstore import take_rows
 from pipeline.integrity import hold_lock, releases_locks
 from pipeline.viz import colourise, palette
@@ -145,7 +145,7 @@ def render_anchor(
     return path
 
 
-def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
+def _choose_anchors(cfg: ShowConfig, m: int) -> list[int]:
     bad = [a for a in cfg.anchors if not 0 <= a < m]
     if bad:
         raise ValueError(f"anchor position(s) {bad} outside this shard's 0..{m - 1}; pick --anchor below {m}")
@@ -158,9 +158,9 @@ def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
 
 
 @releases_locks
-def run(cfg: C.ShowConfig) -> list[Path]:
+def run(cfg: ShowConfig) -> list[Path]:
     """Render the chosen anchors of shard (epoch, batch) of `<out>/mine/<mined>/`."""
-    from pipeline import shards as SH
+    from pipeline.shards import recover_sets
     from stages.mine import load_batch
 
     out = Path(cfg.out)
@@ -168,7 +168,7 @@ def run(cfg: C.ShowConfig) -> list[Path]:
     images = np.asarray(shard.images, np.int64)
     anchors = np.asarray(shard.anchors, np.int64)
     chosen = _choose_anchors(cfg, anchors.shape[0])
-    sets = SH.recover_sets(subset_shard(shard, np.asarray(chosen, np.int64)), F)  # row i = chosen[i]
+    sets = recover_sets(subset_shard(shard, np.asarray(chosen, np.int64)), F)  # row i = chosen[i]
     g = store.split("train")
     rgb = take_rows(g["rgb"], images)
     labels = take_rows(g["labels"], images) if store.has_labels and "labels" in g else None

@@ -20,13 +20,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import audit as A
-from pipeline import config as C
+from pipeline.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
+from pipeline.config import MineConfig, SweepConfig, TrainConfig, resolve, to_dict
 from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("ppap.sweep")
 
-MINE_PARAMS = A.SWEEP_MINE_PARAMS  # mining thresholds a grid may change
+MINE_PARAMS = SWEEP_MINE_PARAMS  # mining thresholds a grid may change
 _TRAIN_SKIP = {"out", "mined", "name", "holdout", "device", "ckpt_every", "max_steps",
                "select_every", "select_metric", "rank_floor", "collapse_ratio", "anchor_chunk",
                "amp"}
@@ -35,7 +35,7 @@ _TRAIN_SKIP = {"out", "mined", "name", "holdout", "device", "ckpt_every", "max_s
 def train_params() -> dict[str, type]:
     """Training options a grid may name, with their types."""
     out: dict[str, type] = {}
-    for f in dataclasses.fields(C.TrainConfig):
+    for f in dataclasses.fields(TrainConfig):
         if f.name in _TRAIN_SKIP:
             continue
         t = {"float": float, "int": int}.get(str(f.type).split(" ")[0])
@@ -73,7 +73,7 @@ def _parse_fixed(specs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def mined_for(cfg: C.SweepConfig, mine_values: dict[str, Any]) -> str:
+def mined_for(cfg: SweepConfig, mine_values: dict[str, Any]) -> str:
     """Name of the mined sets for these mining values; mines them from the base run if needed."""
     if not mine_values:
         return cfg.mined
@@ -87,28 +87,28 @@ def mined_for(cfg: C.SweepConfig, mine_values: dict[str, Any]) -> str:
     if base.get("criterion") not in ("ppap", "p0"):
         raise ValueError(f"the grid changes mining thresholds, but {cfg.mined!r} was mined with "
                          f"criterion {base.get('criterion')!r}; give a ppap or p0 run as --mined")
-    names = {f.name for f in dataclasses.fields(C.MineConfig)}
+    names = {f.name for f in dataclasses.fields(MineConfig)}
     name = f"{cfg.mined}-{point_label(mine_values)}"
-    mcfg = C.MineConfig(**{**{k: v for k, v in base.items() if k in names},
-                           **mine_values, "name": name, "out": cfg.out, "device": cfg.device,
-                           "workers": 0, "scheduler": None})
+    mcfg = MineConfig(**{**{k: v for k, v in base.items() if k in names},
+                         **mine_values, "name": name, "out": cfg.out, "device": cfg.device,
+                         "workers": 0, "scheduler": None})
     mine_stage.run(mcfg)  # resumable: finished shards are skipped
     return name
 
 
-def run(cfg: C.SweepConfig) -> dict[str, Any]:
+def run(cfg: SweepConfig) -> dict[str, Any]:
     """Train every grid point (resuming finished/unfinished runs) and tabulate held-out scores."""
     from stages import train as train_stage
 
-    grid = A.parse_sweep(cfg.grid, params=grid_params())
+    grid = parse_sweep(cfg.grid, params=grid_params())
     if not grid:
         raise ValueError("give at least one --grid NAME=V1,V2 (e.g. --grid tau=0.1,0.2)")
     fixed = _parse_fixed(cfg.fixed)
-    points = A.sweep_points(grid)
-    base = C.resolve(C.TrainConfig, preset=cfg.preset, config_file=cfg.config, stage="train",
-                     out=cfg.out, mined=cfg.mined, device=cfg.device, seed=cfg.seed,
-                     select_every=cfg.select_every, epochs=cfg.epochs, max_steps=cfg.max_steps,
-                     **fixed)
+    points = sweep_points(grid)
+    base = resolve(TrainConfig, preset=cfg.preset, config_file=cfg.config, stage="train",
+                   out=cfg.out, mined=cfg.mined, device=cfg.device, seed=cfg.seed,
+                   select_every=cfg.select_every, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                   **fixed)
     if base.select_every <= 0:
         raise ValueError("select_every=0: a sweep needs selection points; pass --select-every N")
     log.info("sweep %s: %d runs over %s", cfg.name, len(points),
@@ -125,10 +125,10 @@ def run(cfg: C.SweepConfig) -> dict[str, Any]:
         run_dir = Path(summary["run_dir"])
         records = [r for r in _read_jsonl(run_dir / "selection.jsonl")]
         results.append({"label": label, "point": point, "mined": mined, "run": tcfg.run_name,
-                        "config": C.to_dict(tcfg), "records": records,
+                        "config": to_dict(tcfg), "records": records,
                         "selection": summary.get("selection")})
     dest = Path(cfg.out) / "sweep" / cfg.name
-    report = {"name": cfg.name, "grid": grid, "fixed": fixed, "base": C.to_dict(base),
+    report = {"name": cfg.name, "grid": grid, "fixed": fixed, "base": to_dict(base),
               "runs": results}
     atomic_write_json(dest / "results.json", report)
     table = format_table(results, list(grid))

@@ -22,12 +22,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline import config as C
+from pipeline.config import TrainConfig, config_hash, to_dict
 from pipeline.executor import StageInterrupted, timed
 from pipeline.featstore import FeatureStore, take_rows
 from pipeline.integrity import NonFinite, clean_orphans, disk_guard, hold_lock, releases_locks, write_checked
@@ -118,7 +118,7 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
             raise ValueError(f"mining in {mine_dir} is unfinished (plan {e} has {len(paths)} of "
                              f"{n} batches, or a gap); {rerun}")
         plans.append(paths)
-    return MinedRun(mine_dir, C.config_hash(identity), plans, holdout, held)
+    return MinedRun(mine_dir, config_hash(identity), plans, holdout, held)
 
 
 def load_frozen_backbone(manifest: dict[str, Any]):
@@ -202,23 +202,31 @@ def _last_metric(path: Path, key: str):
     return json.loads(lines[-1]).get(key) if lines else None
 
 
-def _device(cfg: C.TrainConfig) -> torch.device:
+def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available; use --device cpu")
     return torch.device(cfg.device)
 
 
-def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig):
+class Optimisers(NamedTuple):
+    """What `make_optimisers` returns (unpacks as `net, linear, cluster`)."""
+
+    net: torch.optim.Optimizer  # the branch (block copy + head)
+    linear: torch.optim.Optimizer | None  # None without a linear probe
+    cluster: torch.optim.Optimizer
+
+
+def make_optimisers(branch, linear, cluster, cfg: TrainConfig) -> Optimisers:
     """(net, linear probe or None, cluster probe) optimisers as configured."""
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt_net = opt_cls(branch.net_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_lin = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr) if linear is not None else None
-    return opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr)
+    return Optimisers(opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr))
 
 
 @torch.enable_grad()  # callers (or an earlier stage in this process) may have disabled it
 def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, anchors, sets,
-               cfg: C.TrainConfig, amp: bool = False) -> dict[str, Any]:
+               cfg: TrainConfig, amp: bool = False) -> dict[str, Any]:
     """One optimisation step on one batch; returns its losses, set sizes and code statistics.
 
     models = (branch, linear or None, cluster), opts = their optimisers (same order); `tokens`
@@ -290,12 +298,12 @@ def _frozen_scores(out: Path, store: FeatureStore, holdout: Holdout, branch, see
     `<out>/train/.frozen-holdout/<key>.json` (a pure cache: delete it freely)."""
     import hashlib
 
-    from pipeline import probes as P
+    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2, LINEAR_MAX_ITER, LINEAR_TOL
 
     key = hashlib.sha256(json.dumps({
         "features": store.fingerprint, "seed": seed, "code": code_version(),
         "crops": hashlib.sha256(np.ascontiguousarray(holdout.crops, "<i8").tobytes()).hexdigest(),
-        "probes": [P.LINEAR_L2, P.LINEAR_TOL, P.LINEAR_MAX_ITER, P.KMEANS_NITER, P.KMEANS_NREDO],
+        "probes": [LINEAR_L2, LINEAR_TOL, LINEAR_MAX_ITER, KMEANS_NITER, KMEANS_NREDO],
     }, sort_keys=True).encode()).hexdigest()[:16]
     path = out / "train" / ".frozen-holdout" / f"{key}.json"
     if path.is_file():
@@ -331,7 +339,7 @@ def _check_shard_markers(mined: MinedRun) -> None:
 
 
 @releases_locks
-def run(cfg: C.TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) `<out>/train/<run>/`; returns a summary dict."""
     from pipeline import shards
 
@@ -384,7 +392,7 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
                      "(metric %s)", cfg.select_every, len(holdout.crops), holdout.n_images,
                      select_metric)
 
-    cfg_dict = C.to_dict(cfg)
+    cfg_dict = to_dict(cfg)
     identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
                     mined_plans=[len(p) for p in mined.plans], holdout=mined.holdout)

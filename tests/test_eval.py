@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from PIL import Image
 
-from pipeline import metrics as M
+from pipeline.metrics import cluster_scores
 from pipeline.config import EvalConfig
-from pipeline.featstore import FeatureStore, create_split
+from pipeline.featstore import FeatureStore
 from stages import evaluate
+
+from conftest import SplitSpec
 
 K = 3
 PATCH = 8
@@ -65,31 +66,28 @@ def _fill(g, n, side, rng, backbone, protos, invalid=()):
     return labels, valid
 
 
-def make_store(out: Path, seed: int = 0, labelled: bool = True) -> dict:
+def make_store(fake_cache, out: Path, seed: int = 0, labelled: bool = True) -> dict:
     backbone, info = _backbone()
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(K, info.embed_dim)).astype(np.float32)
-    root = zarr.open_group(str(out / "features.zarr"), mode="w", zarr_format=3)
     info_out = {}
-    for split, n, side, invalid in (("train", N_TRAIN, TRAIN_SIDE, ()), ("val", N_VAL, EVAL_SIDE, (N_VAL - 1,))):
-        grid = side // PATCH
-        g = create_split(root, split, n, n_tokens=1 + grid * grid, dim=info.embed_dim,
-                         grid=(grid, grid), side=side, labelled=True, chunk=8)
-        info_out[split] = _fill(g, n, side, rng, backbone, protos, invalid)
-    root.attrs["manifest"] = {
-        "dataset": "synthetic", "backbone": "vit_tiny_random", "patch_size": PATCH,
-        "embed_dim": info.embed_dim, "num_classes": K, "class_names": ["red", "green", "blue"],
-        "has_labels": labelled, "train_size": TRAIN_SIDE, "eval_size": EVAL_SIDE,
-        "grid_train": [TRAIN_SIDE // PATCH] * 2, "grid_eval": [EVAL_SIDE // PATCH] * 2,
-        "weights_fingerprint": f"random:{BACKBONE_SEED}", "fingerprint": f"synthetic{seed}",
-    }
+    invalid = {"train": (), "val": (N_VAL - 1,)}
+
+    def fill(split, g, spec):
+        info_out[split] = _fill(g, spec.n, spec.grid * PATCH, rng, backbone, protos, invalid[split])
+
+    fake_cache(out, dim=info.embed_dim, patch=PATCH, num_classes=K, labelled=labelled,
+               train=SplitSpec(N_TRAIN, TRAIN_SIDE // PATCH, chunk=8, labelled=True),
+               val=SplitSpec(N_VAL, EVAL_SIDE // PATCH, chunk=8, labelled=True), fill=fill,
+               class_names=["red", "green", "blue"], fingerprint=f"synthetic{seed}",
+               backbone="vit_tiny_random", weights_fingerprint=f"random:{BACKBONE_SEED}")
     return info_out
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
+def store_dir(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalstore")
-    labels = make_store(out)
+    labels = make_store(fake_cache, out)
     return out, labels
 
 
@@ -125,7 +123,7 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
     assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"}
     for name in confs.files:
         assert confs[name].shape == (K, K) and confs[name].sum() == n_valid_px
-    s, _ = M.cluster_scores(confs["cluster_no_crf"])
+    s, _ = cluster_scores(confs["cluster_no_crf"])
     assert s.accuracy == pytest.approx(on_disk["no_crf"]["cluster_acc"])
     # images and config
     for png in ("confusion.png", "predictions.png"):
@@ -224,15 +222,15 @@ def _random_probes(store: FeatureStore, seed: int) -> tuple[torch.Tensor, dict]:
 
 
 def test_fitted_probes_are_converged_and_recorded(frozen_report):
-    from pipeline import probes as P
+    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2
 
     info = frozen_report["model"]
     assert frozen_report["probes"] == "refit"  # the baseline always fits its probes
     assert info["fit_code"] == "frozen features"
-    assert info["kmeans_niter"] == P.KMEANS_NITER and info["kmeans_nredo"] == P.KMEANS_NREDO
+    assert info["kmeans_niter"] == KMEANS_NITER and info["kmeans_nredo"] == KMEANS_NREDO
     # the linear probe ran L-BFGS to its gradient tolerance, on every training patch
     assert info["linear_converged"] is True, info
-    assert info["linear_l2"] == P.LINEAR_L2 and info["linear_rows"] == N_TRAIN * (TRAIN_SIDE // PATCH) ** 2
+    assert info["linear_l2"] == LINEAR_L2 and info["linear_rows"] == N_TRAIN * (TRAIN_SIDE // PATCH) ** 2
 
 
 def test_refit_at_init_matches_frozen_baseline(store_dir, frozen_report, frozen_probes):
@@ -319,7 +317,7 @@ def test_refuses_bad_inputs(store_dir, tmp_path):
         evaluate.run(EvalConfig(out=str(out), trained="other"))
 
 
-def test_unlabelled_store_is_refused(tmp_path):
-    make_store(tmp_path, labelled=False)
+def test_unlabelled_store_is_refused(fake_cache, tmp_path):
+    make_store(fake_cache, tmp_path, labelled=False)
     with pytest.raises(ValueError, match="without labels"):
         evaluate.run(EvalConfig(out=str(tmp_path), baseline="frozen"))

@@ -28,8 +28,7 @@ from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.executor import StageInterrupted
 from pipeline.featstore import STORE_NAME, FeatureStore, chunk_records, marker_path
 from pipeline.integrity import CorruptArtifact, DiskFull, NonFinite, RunLock, RunLocked
-from stages import evaluate, features, mine
-from stages import train as T
+from stages import evaluate, features, mine, train
 
 from _fixtures import make_folder
 
@@ -88,7 +87,7 @@ def trained(cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     shutil.copytree(cache, out, dirs_exist_ok=True)
     mine.run(mcfg(out))
-    T.run(tcfg(out))
+    train.run(tcfg(out))
     evaluate.run(ecfg(out))
     return out
 
@@ -101,13 +100,13 @@ def copy(src: Path, tmp_path: Path) -> Path:
 
 def cli(capsys, *args) -> tuple[int, str]:
     """Run `ppap-pipe ARGS` in this process; (exit code, stderr)."""
-    from pipeline import cli as C
+    from pipeline.cli import main
 
     old = sys.argv
     sys.argv = ["ppap-pipe", *map(str, args)]
     try:
         with pytest.raises(SystemExit) as exc:
-            C.main()
+            main()
     finally:
         sys.argv = old
     return exc.value.code, capsys.readouterr().err
@@ -180,7 +179,7 @@ def test_mine_and_train_refuse_an_unfinished_feature_cache(data, cache, tmp_path
     code, err = cli(capsys, "mine", "--out", out, "--phi0", 0.9, "--psi0", 0.5)
     assert code == 2 and "error: the feature cache" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="incomplete"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     with pytest.raises(ValueError, match="incomplete"):
         evaluate.run(ecfg(out, baseline="frozen"))
 
@@ -221,13 +220,13 @@ def test_mined_sets_of_other_crops_are_refused_and_old_ones_remined(cache, tmp_p
         shards.done_path(p).write_text(json.dumps(m))
         p.write_bytes(b"shard of an older version")
     with pytest.raises(ValueError, match="older ppap-pipe and has no checksum.*rerun `ppap-pipe mine"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     mine.run(mcfg(out, epochs=2))
     for p, data in originals.items():
         assert p.read_bytes() == data
         assert shards.shard_state(p) == ("ok", "")
     assert json.loads((mdir / "manifest.json").read_text())["items"]["n"] == 30
-    T.run(tcfg(out, max_steps=1))
+    train.run(tcfg(out, max_steps=1))
 
 
 def test_manifest_follows_extended_epochs(cache, tmp_path):
@@ -260,7 +259,7 @@ def test_nan_in_cached_tokens_stops_training_before_a_step(trained, tmp_path):
     first = shards.read_shard(shards.shard_path(out / "mine" / "ppap", 0, 0)).images
     write_region(out, "train", "tokens", int(first[3]), np.inf)
     with pytest.raises(NonFinite, match=rf"train/tokens holds NaN/Inf values for crop\(s\) {first[3]}"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     assert not (out / "train" / "ppap" / "last.pt").exists()
     assert (out / "train" / "ppap" / "metrics.jsonl").read_text() == "" if (
         out / "train" / "ppap" / "metrics.jsonl").exists() else True
@@ -269,7 +268,7 @@ def test_nan_in_cached_tokens_stops_training_before_a_step(trained, tmp_path):
 def test_first_nonfinite_loss_stops_training_with_step_and_shard(cache, tmp_path, monkeypatch):
     out = copy(cache, tmp_path)
     mine.run(mcfg(out))
-    real = T.ppap_loss
+    real = train.ppap_loss
     calls = {"n": 0}
 
     def diverging(*a, **kw):
@@ -277,11 +276,11 @@ def test_first_nonfinite_loss_stops_training_with_step_and_shard(cache, tmp_path
         loss, stats = real(*a, **kw)
         return (loss * float("nan") if calls["n"] == 3 else loss), stats
 
-    monkeypatch.setattr(T, "ppap_loss", diverging)
+    monkeypatch.setattr(train, "ppap_loss", diverging)
     path = shards.shard_path(out / "mine" / "ppap", 0, 2)
     with pytest.raises(NonFinite, match=rf"stopped at step 3 \(epoch 0, batch 2, shard {re.escape(str(path))}\)"
                                         r": non-finite loss \(contrastive nan") as exc:
-        T.run(tcfg(out, ckpt_every=1))
+        train.run(tcfg(out, ckpt_every=1))
     assert "checkpoint" in str(exc.value) and "at step 2" in str(exc.value)
     run_dir = out / "train" / "ppap"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -292,15 +291,15 @@ def test_first_nonfinite_loss_stops_training_with_step_and_shard(cache, tmp_path
 
 
 def test_nan_from_the_backbone_is_not_cached(data, tmp_path, monkeypatch):
-    import pipeline.backbones as B
+    from pipeline import backbones
 
-    real = B.forward_tokens
+    real = backbones.forward_tokens
 
     def broken(model, x):
         mid, feat = real(model, x)
         return mid, feat * float("nan")
 
-    monkeypatch.setattr(B, "forward_tokens", broken)
+    monkeypatch.setattr(backbones, "forward_tokens", broken)
     out = tmp_path / "run"
     with pytest.raises(NonFinite, match=r"produced NaN/Inf feats for image\(s\) im00, im01"):
         features.run(fcfg(data, out))
@@ -383,7 +382,7 @@ def test_legacy_cache_works_unchanged_and_gains_checksums(data, cache, tmp_path)
     out = copy(cache, tmp_path)
     legacy_markers(out)
     mine.run(mcfg(out))
-    T.run(tcfg(out, max_steps=2))
+    train.run(tcfg(out, max_steps=2))
     report = features.run(fcfg(data, out))
     assert report["chunks_computed"] == 0
     m = json.loads(marker_path(out, "val-00001").read_text())
@@ -404,7 +403,7 @@ def test_empty_or_cut_markers_are_named_and_redone(data, cache, tmp_path, capsys
     sp = shards.shard_path(out / "mine" / "ppap", 0, 1)
     shards.done_path(sp).write_text("")
     with pytest.raises(CorruptArtifact, match=re.escape(str(shards.done_path(sp))) + " is empty"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     mine.run(mcfg(out))
     assert shards.shard_state(sp) == ("ok", "")
 
@@ -423,7 +422,7 @@ def test_checkpoint_bit_flip_is_refused_and_eval_results_kept(trained, tmp_path,
     assert code == 2 and f"checkpoint {ckpt} does not match its checksum" in err
     assert metrics.read_bytes() == before, "eval results were overwritten"
     with pytest.raises(CorruptArtifact, match=rf"delete {re.escape(str(ckpt))} and last.pt.sha256"):
-        T.run(tcfg(out))  # a rerun of the finished run reads its checkpoint
+        train.run(tcfg(out))  # a rerun of the finished run reads its checkpoint
 
 
 def test_truncated_checkpoint_in_train(trained, tmp_path):
@@ -431,33 +430,33 @@ def test_truncated_checkpoint_in_train(trained, tmp_path):
     ckpt = out / "train" / "ppap" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])
     with pytest.raises(CorruptArtifact, match=r"does not match its checksum \(5000 bytes"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     (out / "train" / "ppap" / "last.pt.sha256").unlink()  # a checkpoint of an older version
     with pytest.raises(CorruptArtifact, match=r"last.pt is not a readable checkpoint .*5000 bytes"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
 
 
 def test_checkpoint_killed_between_file_and_checksum_still_resumes(trained, tmp_path, monkeypatch):
     out = copy(trained, tmp_path)
-    T.run(tcfg(out, name="k", max_steps=2))  # checkpoint at step 2
-    import pipeline.store as S
+    train.run(tcfg(out, name="k", max_steps=2))  # checkpoint at step 2
+    from pipeline import store as store_module
 
-    real = S.atomic_write_bytes
+    real = store_module.atomic_write_bytes
 
     def die_on_checkpoint(path, data):
         if Path(path).name == "last.pt":
             raise KeyboardInterrupt  # the sidecar (new digest) is written, the file is not
         return real(path, data)
 
-    monkeypatch.setattr(S, "atomic_write_bytes", die_on_checkpoint)
+    monkeypatch.setattr(store_module, "atomic_write_bytes", die_on_checkpoint)
     with pytest.raises(StageInterrupted):
-        T.run(tcfg(out, name="k"))
-    monkeypatch.setattr(S, "atomic_write_bytes", real)
+        train.run(tcfg(out, name="k"))
+    monkeypatch.setattr(store_module, "atomic_write_bytes", real)
     side = json.loads((out / "train" / "k" / "last.pt.sha256").read_text())
     assert side["previous"] and side["sha256"] != side["previous"]
-    summary = T.run(tcfg(out, name="k"))  # the old file still verifies (as `previous`)
+    summary = train.run(tcfg(out, name="k"))  # the old file still verifies (as `previous`)
     assert summary["finished"]
-    ref = T.run(tcfg(out, name="k2"))
+    ref = train.run(tcfg(out, name="k2"))
     assert summary["final_loss"] == ref["final_loss"]
 
 
@@ -469,7 +468,7 @@ def test_corrupt_shard_is_named_and_remined(trained, tmp_path, capsys):
     flip_byte(sp)
     with pytest.raises(CorruptArtifact, match=rf"{re.escape(str(sp))} does not match the checksum "
                                               r".*rerun `ppap-pipe mine --out"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     sp.write_bytes(b"PK\x03\x04 not really a zip")  # used to raise BadZipFile without a path
     with pytest.raises(CorruptArtifact, match=rf"{re.escape(str(sp))} is not a readable mining shard "
                                               r"\(BadZipFile"):
@@ -480,7 +479,7 @@ def test_corrupt_shard_is_named_and_remined(trained, tmp_path, capsys):
     summary = mine.run(mcfg(out))  # the named command re-mines exactly that shard
     assert sp.read_bytes() == good
     assert summary["shards"] == 4
-    T.run(tcfg(out))
+    train.run(tcfg(out))
 
 
 # ------------------------------------------------------------------ 5. one writer per directory
@@ -497,12 +496,12 @@ def test_second_writer_is_refused_with_pid(trained, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLocked, match=rf"{re.escape(str(run_dir))} is being written by another "
                                             rf"ppap-pipe process \(pid {holder.pid}\)"):
-            T.run(tcfg(out, name="other"))
+            train.run(tcfg(out, name="other"))
         assert not (run_dir / "metrics.jsonl").exists()
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash releases the lock
         holder.wait()
-    assert T.run(tcfg(out, name="other", max_steps=1))["steps"] == 1
+    assert train.run(tcfg(out, name="other", max_steps=1))["steps"] == 1
 
     # every writing stage takes its directory's lock; readers (eval of a run) need none
     with RunLock(out / "mine" / "ppap"):
@@ -541,12 +540,12 @@ def test_concurrent_train_processes_do_not_duplicate_metrics(trained, tmp_path):
 
 def test_disk_full_names_path_and_free_space(cache, data, tmp_path, monkeypatch, capsys):
     out = copy(cache, tmp_path)
-    import pipeline.store as S
+    from pipeline import store as store_module
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(S.os, "fsync", full)
+    monkeypatch.setattr(store_module.os, "fsync", full)
     with pytest.raises(DiskFull, match=r"no space left on the device while writing .*mine/ppap/"
                                        r".* free on the filesystem of"):
         mine.run(mcfg(out))
@@ -617,7 +616,7 @@ def test_orphan_temporary_files_are_removed_on_resume(data, trained, tmp_path):
                out / "eval" / "ppap-last" / ".metrics.json.zz.tmp"]
     for p in orphans:
         p.write_bytes(b"left by a killed writer")
-    T.run(tcfg(out))
+    train.run(tcfg(out))
     mine.run(mcfg(out))
     features.run(fcfg(data, out))
     evaluate.run(ecfg(out))
@@ -627,7 +626,7 @@ def test_orphan_temporary_files_are_removed_on_resume(data, trained, tmp_path):
 def test_interrupt_message_names_a_real_resume_point(cache, tmp_path, monkeypatch):
     out = copy(cache, tmp_path)
     mine.run(mcfg(out))
-    real = T.train_step
+    real = train.train_step
     calls = {"n": 0, "at": 1}
 
     def interrupted(*a, **kw):
@@ -636,22 +635,22 @@ def test_interrupt_message_names_a_real_resume_point(cache, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(T, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(StageInterrupted) as exc:
-        T.run(tcfg(out))
+        train.run(tcfg(out))
     msg = str(exc.value)
     assert "no checkpoint was written yet" in msg and "starts at step 0" in msg
     assert not (out / "train" / "ppap" / "last.pt").exists()
     calls.update(n=0, at=4)
     with pytest.raises(StageInterrupted, match=r"resumes from the checkpoint .*last.pt at step 2"):
-        T.run(tcfg(out))
+        train.run(tcfg(out))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_leaves_no_folder(data, trained, tmp_path):
     out = copy(trained, tmp_path)
     for run, where in ((lambda: mine.run(mcfg(out, name="gpu", device="cuda")), out / "mine" / "gpu"),
-                       (lambda: T.run(tcfg(out, name="gpu", device="cuda")), out / "train" / "gpu"),
+                       (lambda: train.run(tcfg(out, name="gpu", device="cuda")), out / "train" / "gpu"),
                        (lambda: evaluate.run(ecfg(out, trained="ppap", probes="trained", device="cuda")),
                         out / "eval" / "ppap-last-trained-probes"),
                        (lambda: features.run(fcfg(data, tmp_path / "f", device="cuda")), tmp_path / "f")):

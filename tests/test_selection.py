@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import batching, shards
-from pipeline import config as C
+from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.featstore import FeatureStore
 from pipeline.selection import best_choice, labelfree_choice
 from stages import features, mine, train
@@ -24,20 +24,20 @@ N_IMAGES, HOLDOUT = 10, 0.2  # -> 2 held-out source images
 def cache(tmp_path_factory) -> Path:
     root = make_folder(tmp_path_factory.mktemp("data"), n=N_IMAGES, size=(64, 80))
     out = tmp_path_factory.mktemp("run")
-    features.run(C.FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
-                                  backbone="vit_tiny_random", train_size=48, eval_size=48,
-                                  splits=("train",), chunk_size=4))
+    features.run(FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
+                                backbone="vit_tiny_random", train_size=48, eval_size=48,
+                                splits=("train",), chunk_size=4))
     return out
 
 
-def mine_cfg(out: Path, **kw) -> C.MineConfig:
+def mine_cfg(out: Path, **kw) -> MineConfig:
     F = FeatureStore(out).mining_features(np.arange(8))
     s = F[::7] @ F.T
     base = dict(out=str(out), phi0=float(np.round(np.quantile(s, 0.85), 2)),
                 psi0=float(np.round(np.quantile(s, 0.5), 2)), prop_iters=2, sigma_pos=3.0,
                 sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", epochs=2, seed=3,
                 holdout=HOLDOUT)
-    return C.MineConfig(**{**base, **kw})
+    return MineConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_training_selects_on_the_holdout_only(cache, mined):
-    cfg = C.TrainConfig(out=str(cache), mined="ppap", name="sel", epochs=2, tau=0.2, lr=1e-4,
-                        select_every=2, ckpt_every=2, seed=0)
+    cfg = TrainConfig(out=str(cache), mined="ppap", name="sel", epochs=2, tau=0.2, lr=1e-4,
+                      select_every=2, ckpt_every=2, seed=0)
     summary = train.run(cfg)
     run_dir = cache / "train" / "sel"
     recs = _records(run_dir)
@@ -111,22 +111,22 @@ def test_training_selects_on_the_holdout_only(cache, mined):
             assert not set(z["images"].tolist()) & set(held.tolist())
     # a different --holdout than the mined sets' is refused with the fix
     with pytest.raises(ValueError, match="holdout"):
-        train.run(C.TrainConfig(out=str(cache), mined="ppap", name="sel2", holdout=0.5))
+        train.run(TrainConfig(out=str(cache), mined="ppap", name="sel2", holdout=0.5))
 
 
 def test_eval_checkpoint_choices(cache, mined):
     from stages import evaluate
 
-    train.run(C.TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
-                            select_every=2, seed=0))
+    train.run(TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
+                          select_every=2, seed=0))
     # step 0 (frozen features) is scored once per cache/holdout/seed and reused by later runs
     assert len(list((cache / "train" / ".frozen-holdout").glob("*.json"))) == 1
     first = lambda name: {k: v for k, v in _records(cache / "train" / name)[0].items() if k != "seconds"}
     assert first("ev") == first("sel")
     for ck in ("best", "last", "labelfree"):
         assert (cache / "train" / "ev" / f"{ck}.pt").is_file()
-        assert evaluate.checkpoint_path(C.EvalConfig(out=str(cache), trained="ev", checkpoint=ck)).name == f"{ck}.pt"
-    assert evaluate.report_name(C.EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
+        assert evaluate.checkpoint_path(EvalConfig(out=str(cache), trained="ev", checkpoint=ck)).name == f"{ck}.pt"
+    assert evaluate.report_name(EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
 
 
 def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):
