@@ -14,12 +14,13 @@ MINE_ARGS  ?=
 TRAIN_ARGS ?=
 EVAL_ARGS  ?=
 AUDIT_ARGS ?=
+SWEEP_ARGS ?= --grid tau=0.1,0.2 --grid lr=3e-5,1e-4
 
 PPAP := $(VENV)/bin/ppap-pipe
 STAMP := $(VENV)/.installed
 COMMON := --preset $(PRESET) --out $(RUN)
 
-.PHONY: help install features mine train eval baseline audit test test-all bench clean
+.PHONY: help install features mine train eval baseline audit sweep test test-all bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
@@ -40,9 +41,12 @@ mine: features  ## stage 2: mine PPAP sets into shards (MINE_ARGS= for overrides
 train: mine  ## stage 3: train the last-block copy + head (TRAIN_ARGS=)
 	$(PPAP) train $(COMMON) --device $(DEVICE) $(TRAIN_ARGS)
 
-eval: train  ## stage 4: evaluate trained run and the frozen baseline (EVAL_ARGS=)
+eval: train  ## stage 4: frozen baseline, then the run's best.pt (EVAL_ARGS=, e.g. --checkpoint last)
 	$(PPAP) eval $(COMMON) --baseline frozen --device $(DEVICE) $(EVAL_ARGS)
 	$(PPAP) eval $(COMMON) --device $(DEVICE) $(EVAL_ARGS)
+
+sweep: mine  ## sweep-train on held-out training images (SWEEP_ARGS="--grid NAME=V1,V2 ...")
+	$(PPAP) sweep-train $(COMMON) --device $(DEVICE) $(SWEEP_ARGS)
 
 audit: mine  ## precision audit of the mined sets (AUDIT_ARGS=)
 	$(PPAP) audit $(COMMON) $(AUDIT_ARGS)

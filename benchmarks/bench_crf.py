@@ -3,7 +3,7 @@
     python benchmarks/bench_crf.py [--side 320] [--images 16] [--classes 27 11] [--workers 0]
 
 Synthetic inputs (a seeded mosaic of coloured regions with noisy class probabilities) at the
-protocol's settings (ALGORITHM.md §6). One probability map per image; the evaluation stage
+protocol's settings (docs/method.md §6). One probability map per image; the evaluation stage
 refines two per image (cluster and linear), so it runs at about half these rates.
 """
 

@@ -29,22 +29,22 @@ import torch
 
 
 def _backbone(name: str, seed: int):
-    from pipeline import backbones as B
+    from pipeline import backbones
 
     if name == "auto":
         try:
-            model, info, fp = B.load_backbone("dinov2_vits14_offline")
+            model, info, fp = backbones.load_backbone("dinov2_vits14_offline")
             return model, info, fp
         except ValueError as exc:
             print(f"offline DINOv2 not available ({exc}); using a random-weight ViT-S/14")
             name = "random-vits14"
     if name == "random-vits14":
-        spec = B.get_spec("dinov2_vits14_offline")
+        spec = backbones.get_spec("dinov2_vits14_offline")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = B._build(spec)
+            model = backbones._build(spec)
         return model.eval().requires_grad_(False), spec.info, f"random:{seed}"
-    return B.load_backbone(name, seed=seed)
+    return backbones.load_backbone(name, seed=seed)
 
 
 def _sets(feats: np.ndarray, anchors: np.ndarray, pos_frac: float, amb_frac: float):

@@ -1,4 +1,4 @@
-"""Precision audit of mined sets against patch labels (ALGORITHM.md §8, paper Table 6, Fig. 1b).
+"""Precision audit of mined sets against patch labels (docs/method.md §8, paper Table 6, Fig. 1b).
 
 Pure functions on plain arrays in the export-dict form of one batch: `anchors` (M,) rows of F,
 CSR `pos_indptr/pos_indices` and `amb_indptr/amb_indices` over anchors (columns = rows of F),
@@ -313,7 +313,7 @@ def fig1b_curve(stats: AnchorStats, qs: Sequence[float] = DEFAULT_QS) -> dict[st
 # Sweep specifications
 # --------------------------------------------------------------------------------------------
 
-SWEEP_PARAMS = {"phi0": float, "psi0": float, "prop_iters": int, "sigma_pos": float, "sigma_amb": float}
+SWEEP_MINE_PARAMS = {"phi0": float, "psi0": float, "prop_iters": int, "sigma_pos": float, "sigma_amb": float}
 
 
 def _number(text: str, spec: str) -> float:
@@ -323,17 +323,21 @@ def _number(text: str, spec: str) -> float:
         raise ValueError(f"sweep {spec!r}: {text!r} is not a number") from None
 
 
-def parse_sweep_spec(spec: str) -> tuple[str, list[float | int]]:
-    """'phi0=0.45:0.65:0.05' (inclusive stop) or 'psi0=0.1,0.2' -> (name, values)."""
+def parse_sweep_spec(spec: str, params: Mapping[str, type] | None = None) -> tuple[str, list[float | int]]:
+    """'phi0=0.45:0.65:0.05' (inclusive stop) or 'psi0=0.1,0.2' -> (name, values).
+
+    `params` maps the names that may be swept to their type (default: the mining thresholds).
+    """
+    allowed = SWEEP_MINE_PARAMS if params is None else params
     if "=" not in spec:
         raise ValueError(
             f"sweep {spec!r} lacks '='; write NAME=START:STOP:STEP or NAME=V1,V2,... "
-            f"with NAME one of {', '.join(SWEEP_PARAMS)}"
+            f"with NAME one of {', '.join(allowed)}"
         )
     name, _, body = spec.partition("=")
     name, body = name.strip(), body.strip()
-    if name not in SWEEP_PARAMS:
-        raise ValueError(f"sweep {spec!r}: {name!r} cannot be swept; choose one of {', '.join(SWEEP_PARAMS)}")
+    if name not in allowed:
+        raise ValueError(f"sweep {spec!r}: {name!r} cannot be swept; choose one of {', '.join(allowed)}")
     if not body:
         raise ValueError(f"sweep {spec!r} has no values; write {name}=START:STOP:STEP or {name}=V1,V2")
     if ":" in body:
@@ -355,7 +359,7 @@ def parse_sweep_spec(spec: str) -> tuple[str, list[float | int]]:
         values = [_number(p.strip(), spec) for p in body.split(",") if p.strip()]
         if not values:
             raise ValueError(f"sweep {spec!r} has no values")
-    if SWEEP_PARAMS[name] is int:
+    if allowed[name] is int:
         bad = [v for v in values if v != int(v)]
         if bad:
             raise ValueError(f"sweep {spec!r}: {name} takes integers, not {bad[0]:g}")
@@ -363,11 +367,12 @@ def parse_sweep_spec(spec: str) -> tuple[str, list[float | int]]:
     return name, sorted(set(float(v) for v in values))
 
 
-def parse_sweep(specs: Sequence[str]) -> dict[str, list[float | int]]:
+def parse_sweep(specs: Sequence[str], params: Mapping[str, type] | None = None
+                ) -> dict[str, list[float | int]]:
     """Several specs -> {name: values}, in the order given; a name may appear once."""
     grid: dict[str, list[float | int]] = {}
     for spec in specs:
-        name, values = parse_sweep_spec(spec)
+        name, values = parse_sweep_spec(spec, params)
         if name in grid:
             raise ValueError(f"sweep names {name!r} twice; give each parameter once")
         grid[name] = values

@@ -31,7 +31,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 from urllib.parse import urlparse
 
 import timm
@@ -161,9 +161,17 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+class LoadedBackbone(NamedTuple):
+    """What `load_backbone` returns (unpacks as `model, info, fingerprint`)."""
+
+    model: nn.Module  # frozen, eval mode, on the requested device
+    info: BackboneInfo
+    fingerprint: str  # identifies the weights (`random:<seed>`, `file:<hash>`, ...)
+
+
 def load_backbone(
     name: str, weights: str | None = None, device: str = "cpu", seed: int = 0
-) -> tuple[nn.Module, BackboneInfo, str]:
+) -> LoadedBackbone:
     """Build backbone `name`, load its weights, freeze it; returns (model, info, fingerprint).
 
     `weights`: a local checkpoint file; None = the backbone's own source (timm hub, the offline
@@ -193,7 +201,7 @@ def load_backbone(
     model.eval().requires_grad_(False).to(device)
     log.info("backbone %s (%s) loaded in %.1fs, weights %s, device %s", name, spec.info.arch,
              time.perf_counter() - t0, fingerprint, device)
-    return model, spec.info, fingerprint
+    return LoadedBackbone(model, spec.info, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------

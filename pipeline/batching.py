@@ -17,6 +17,11 @@ anchor_rows(seed, epoch, batch, n_images, patches_per_image, fraction) -> np.nda
 sample_patches(seed, n_images, patches_per_image, n, tag=...) -> (images, patches)
     n distinct (image, patch) pairs, one patch per image while n <= n_images (HP pool,
     k-means training sample).
+n_holdout(n_sources, fraction) -> int
+    floor(fraction * n_sources) source images held out (0 when fewer than 1 would be).
+holdout_split(seed, image_index, valid, fraction) -> (train_crops, holdout_crops)
+    Whole source images held out of mining and training, for selection: the crops of
+    n_holdout(...) seeded source images go to the holdout, the other valid crops to training.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ _TAG_PLAN = 0x50504150  # "PPAP"
 _TAG_ANCHORS = 0x414E4348  # "ANCH"
 TAG_HP_POOL = 0x48500000  # "HP"
 TAG_KMEANS = 0x4B4D0000  # "KM"
+TAG_HOLDOUT = 0x484F4C44  # "HOLD"
 
 
 def _check_nonneg_int(name: str, value: int) -> int:
@@ -122,3 +128,38 @@ def sample_patches(
         use = np.repeat(np.arange(rounds), n_images)[:n]
         patches = order[images, use]
     return images.astype(np.int64), patches.astype(np.int64)
+
+
+def n_holdout(n_sources: int, fraction: float) -> int:
+    """floor(fraction * n_sources) held-out source images; fraction in [0, 1)."""
+    n_sources = _check_nonneg_int("n_sources", n_sources)
+    fraction = float(fraction)
+    if not (0.0 <= fraction < 1.0):
+        raise ValueError(f"holdout={fraction!r} must lie in [0, 1): the fraction of training "
+                         "images kept out of mining and training (0 = none)")
+    n = math.floor(fraction * n_sources + 1e-9)
+    return min(n, max(n_sources - 1, 0))
+
+
+def holdout_split(seed: int, image_index: np.ndarray, valid: np.ndarray,
+                  fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training crops, held-out crops): sorted crop indices; whole source images held out.
+
+    `image_index[c]` is the source image of crop c, `valid[c]` whether it was readable. The
+    held-out source images are a seeded choice among the sources with a valid crop, so the split
+    depends only on (seed, the cache's image_index/valid, fraction).
+    """
+    seed = _check_nonneg_int("seed", seed)
+    image_index = np.asarray(image_index, dtype=np.int64)
+    valid = np.asarray(valid).astype(bool)
+    if image_index.shape != valid.shape:
+        raise ValueError(f"image_index {image_index.shape} and valid {valid.shape} differ in shape")
+    crops = np.flatnonzero(valid).astype(np.int64)
+    sources = np.unique(image_index[crops])
+    k = n_holdout(len(sources), fraction)
+    if k == 0:
+        return crops, np.zeros(0, np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, TAG_HOLDOUT]))
+    held = np.sort(rng.choice(sources, size=k, replace=False))
+    is_held = np.isin(image_index[crops], held)
+    return crops[~is_held], crops[is_held]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # ---------------------------------------------------------------------------------------
-# Presets (ALGORITHM.md §4 for the paper's; §9 for DINOv2 thresholds on CamVid/demo).
+# Presets (docs/method.md §4 for the paper's; §9 for DINOv2 thresholds on CamVid/demo).
 # A preset is a flat mapping; every stage config takes the keys it knows.
 # ---------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # DINOv2 features share a large common component (median pairwise cosine 0.47 on
     # CamVid), so the DINO v1 thresholds collapse; 0.95/0.70 was picked with the audit
-    # sweep on CamVid *training* crops (ALGORITHM.md §9), never on the evaluation split.
+    # sweep on CamVid *training* crops (docs/method.md §9), never on the evaluation split.
     # eigen_kernel_power: with the DINOv2 common component, max(0, cos) gives a kernel whose
     # normalised spectrum collapses after ~3 eigenvalues (CamVid train: 1, .66, .21, .10, .05,
     # ...), so the later eigenfunctions are noise; max(0, cos)^4 keeps a gradual spectrum
@@ -113,8 +113,8 @@ class FeaturesConfig:
     backbone: str = "dinov2_vits14_offline"
     weights: str | None = None  # local checkpoint; None = the backbone's default source
     splits: tuple[str, ...] = ("train", "val")
-    train_size: int = 224  # five-crop side (ALGORITHM.md §5)
-    eval_size: int = 320  # evaluation side (ALGORITHM.md §5)
+    train_size: int = 224  # five-crop side (docs/method.md §5)
+    eval_size: int = 320  # evaluation side (docs/method.md §5)
     chunk_size: int = 8  # source images per unit of work (a resumable chunk; x5 crops for train)
     batch_size: int = 16  # crops per backbone forward pass
     limit: int | None = None  # at most this many images per split (quick tries)
@@ -155,11 +155,28 @@ def _check_seed_system(cfg: Any) -> None:
         raise ValueError(f"eigen_kernel_power={cfg.eigen_kernel_power} must be > 0")
 
 
+SELECT_METRICS = ("cluster_miou", "linear_miou", "labelfree")
+CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
+
+
+def check_mine_params(phi0: float, psi0: float, prop_iters: int, sigma_pos: float,
+                      sigma_amb: float) -> None:
+    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.MineParams."""
+    for name, v in (("phi0", phi0), ("psi0", psi0)):
+        if not (-1.0 <= float(v) <= 1.0):
+            raise ValueError(f"{name}={v} must be a cosine in [-1, 1]")
+    if int(prop_iters) != prop_iters or prop_iters < 0:
+        raise ValueError(f"prop_iters={prop_iters} must be an integer >= 0 (0 = anchor itself)")
+    for name, v in (("sigma_pos", sigma_pos), ("sigma_amb", sigma_amb)):
+        if not float(v) > 0:
+            raise ValueError(f"{name}={v} must be > 0 (it divides the proxy movement)")
+
+
 @dataclass(frozen=True)
 class MineConfig:
     out: str = "data_cache/demo"  # run directory holding features.zarr
     name: str | None = None  # mined-set name under out/mine/ (default: the criterion)
-    criterion: str = "ppap"  # ppap | p0 | hp | kmeans (ALGORITHM.md §7) | primaps | eigen
+    criterion: str = "ppap"  # ppap | p0 | hp | kmeans | primaps | eigen (docs/method.md §7)
     phi0: float = 0.55  # initial positive threshold Φ0 (paper default)
     psi0: float = 0.15  # initial ambiguity threshold Ψ0 (paper default)
     prop_iters: int = 2  # T, propagation steps
@@ -169,6 +186,9 @@ class MineConfig:
     anchors_per_image: str = "1/4"  # fraction of each crop's patches used as anchors, or 'all'
     epochs: int = 1  # number of batch plans (one seeded permutation per planned epoch)
     seed: int = 0
+    # fraction of training source images (whole images, seeded by `seed`) kept out of mining
+    # and training; `train` scores checkpoints on them to select without the evaluation split
+    holdout: float = 0.1
     hp_pool_size: int = 2048  # HP criterion reference pool size R
     kmeans_k: int | None = None  # clusters of kmeans / primaps prototypes / eigen (default: classes)
     primaps_psi: float = 0.4  # PriMaPs mask threshold relative to the cosine map's max (paper)
@@ -186,18 +206,11 @@ class MineConfig:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion={self.criterion!r}: choose one of {', '.join(CRITERIA)}")
-        if not (-1.0 <= self.phi0 <= 1.0):
-            raise ValueError(f"phi0={self.phi0} must be a cosine in [-1, 1]")
+        check_mine_params(self.phi0, self.psi0, self.prop_iters, self.sigma_pos, self.sigma_amb)
         if self.criterion == "ppap" and self.psi0 >= self.phi0:
             raise ValueError(
                 f"phi0={self.phi0} must be greater than psi0={self.psi0}; lower --psi0 or raise --phi0"
             )
-        if self.prop_iters < 0:
-            raise ValueError(f"prop_iters={self.prop_iters} must be >= 0 (0 = anchor itself)")
-        for name in ("sigma_pos", "sigma_amb"):
-            v = getattr(self, name)
-            if not v > 0:
-                raise ValueError(f"{name}={v} must be > 0 (it divides the proxy movement)")
         if self.kmeans_k is not None and self.kmeans_k <= 1:
             raise ValueError(f"kmeans_k={self.kmeans_k} must be at least 2")
         _check_seed_system(self)
@@ -205,6 +218,9 @@ class MineConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         parse_fraction(self.anchors_per_image)
+        if not (0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout={self.holdout} must lie in [0, 1): the fraction of training "
+                             "images kept out of mining for selection (0 = none)")
         if self.backend not in ("faiss", "torch"):
             raise ValueError(f"backend={self.backend!r}: choose 'faiss' or 'torch'")
         if not (0 < self.band < 0.01):
@@ -242,6 +258,14 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA only; ignored on CPU
     ckpt_every: int = 50  # steps between checkpoints (and at each epoch end)
     max_steps: int | None = None  # stop early (quick tries)
+    # held-out fraction of training images: fixed when mining (None = that of the mined sets;
+    # another value is refused)
+    holdout: float | None = None
+    select_every: int = 25  # steps between scorings on the held-out images (0 = never)
+    select_metric: str = "cluster_miou"  # best.pt: cluster_miou | linear_miou | labelfree
+    rank_floor: float = 0.9  # label-free rule: stop before held-out rank < rank_floor x frozen
+    collapse_ratio: float = 0.5  # warn when effective rank < this x the frozen features'
+    amb_weight: float = 0.0  # loss variant: ambiguous rows as weak negatives (0 = Eq. 8)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -258,11 +282,50 @@ class TrainConfig:
         for name in ("anchor_chunk", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.holdout is not None and not (0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout={self.holdout} must lie in [0, 1) (it must match the mined sets)")
+        if self.select_every < 0:
+            raise ValueError(f"select_every={self.select_every} must be >= 0 (0 = no selection)")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r}: choose one of "
+                             f"{', '.join(SELECT_METRICS)}")
+        for name in ("rank_floor", "collapse_ratio"):
+            if not (0.0 < getattr(self, name) <= 1.0):
+                raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1]")
+        if not (0.0 <= self.amb_weight <= 1.0):
+            raise ValueError(f"amb_weight={self.amb_weight} must lie in [0, 1] (0 = Eq. 8)")
         _check_device(self.device)
 
     @property
     def run_name(self) -> str:
         return self.name or self.mined
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`sweep-train`: a grid of training runs scored on the held-out training images only."""
+
+    out: str = "data_cache/demo"
+    mined: str = "ppap"  # base mined sets; mining-threshold grids derive `<mined>-<label>`
+    name: str = "sweep"  # runs are train/<name>-<label>/, the report sweep/<name>/
+    grid: tuple[str, ...] = ()  # NAME=V1,V2 or NAME=START:STOP:STEP, one per swept option
+    fixed: tuple[str, ...] = ()  # NAME=VALUE training options shared by every run
+    preset: str | None = None  # training preset under the grid (lr, tau, ... defaults)
+    config: str | None = None  # config file under the grid
+    epochs: int | None = None
+    max_steps: int | None = None
+    select_every: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError("grid=(): give at least one --grid NAME=V1,V2 (e.g. --grid tau=0.1,0.2)")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r} must be a non-empty directory name")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps={self.max_steps} must be positive")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -275,7 +338,10 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     n_show: int = 6  # images in the prediction grid
-    probes: str = "trained"  # trained | refit (fit k-means + linear probe on the run's code)
+    # refit: k-means + a converged linear probe fitted on the run's training-split code, exactly
+    # like the frozen baseline (measures the representation); trained: the probes trained with it
+    probes: str = "refit"
+    checkpoint: str = "best"  # best (selected on held-out training images) | last | labelfree
     probe: str = "kmeans"  # cluster probe: kmeans (as before) | primaps-em | eigen (fitted)
     primaps_psi: float = 0.4  # --probe primaps-em: mask threshold
     primaps_coverage: float = 0.95  # --probe primaps-em: stop fraction
@@ -290,6 +356,8 @@ class EvalConfig:
         if self.probes not in ("trained", "refit"):
             raise ValueError(f"probes={self.probes!r}: choose 'trained' (the probes saved with the "
                              "run) or 'refit' (fitted on its training-split code like the baseline)")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must be >= 0")
         if self.probe not in PROBES:
@@ -347,6 +415,7 @@ STAGE_CONFIGS = {
     "eval": EvalConfig,
     "audit": AuditConfig,
     "show": ShowConfig,
+    "sweep-train": SweepConfig,
 }
 
 
@@ -355,16 +424,92 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist; pass an existing .toml or .json file")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {str(p)!r} is not a text file; pass a .toml or .json file") from None
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
     else:
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of option names to values")
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    unknown = sorted(set(tables) - set(STAGE_CONFIGS))
+    if unknown:
+        raise ValueError(
+            f"config file {str(p)!r} has unknown table(s) {['[' + t + ']' for t in unknown]}; "
+            f"tables are named after stages: {', '.join('[' + t + ']' for t in STAGE_CONFIGS)}")
+    for stage, table in tables.items():
+        names = {f.name for f in fields(STAGE_CONFIGS[stage])}
+        bad = sorted(set(table) - names)
+        if bad:
+            raise ValueError(
+                f"config file {str(p)!r}: [{stage}] has unknown option(s) {bad}; "
+                f"see `ppap-pipe {stage} --help` for the names")
     return data
+
+
+def _type_error(cls: type, name: str, value: Any, want: str) -> ValueError:
+    return ValueError(f"{name}={value!r} ({type(value).__name__}) is not a valid value for "
+                      f"{cls.__name__}.{name}: expected {want}")
+
+
+def check_types(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values for `cls` with their declared types (ints stay ints, '0.5' is not a float, ...).
+
+    Integral floats (3.0) pass as ints and ints as floats; lists become tuples; anything else of
+    the wrong type raises ValueError naming the option, the value and the expected type.
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = [a for a in args if a is not type(None)] if optional else [hint]
+        if value is None:
+            if not optional:
+                raise _type_error(cls, name, value, getattr(base[0], "__name__", str(base[0])))
+            continue
+        t = base[0]
+        origin = typing.get_origin(t)
+        if origin is tuple:
+            inner = typing.get_args(t)[0]
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, inner) and not isinstance(v, bool) for v in value):
+                raise _type_error(cls, name, value, f"a list of {inner.__name__}")
+            out[name] = tuple(value)
+        elif t is bool:
+            if not isinstance(value, bool):
+                raise _type_error(cls, name, value, "true or false")
+        elif t is int:
+            if isinstance(value, float) and value.is_integer():
+                value = out[name] = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _type_error(cls, name, value, "an integer")
+        elif t is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _type_error(cls, name, value, "a number")
+            out[name] = float(value)
+        elif t is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = str(value)  # e.g. anchors_per_image = 0.25
+            elif not isinstance(value, str):
+                raise _type_error(cls, name, value, "a string")
+    return out
 
 
 def resolve(
@@ -391,13 +536,18 @@ def resolve(
                 f"config file {str(config_file)!r} has unknown option(s) {sorted(unknown)}; "
                 "see `ppap-pipe <stage> --help` for the names"
             )
-        merged.update({k: v for k, v in flat.items() if k in names})
-        merged.update({k: v for k, v in section.items() if k in names})
+        from_file = {**{k: v for k, v in flat.items() if k in names},
+                     **{k: v for k, v in section.items() if k in names}}
+        try:
+            check_types(cls, from_file)
+        except ValueError as exc:
+            raise ValueError(f"config file {str(config_file)!r}: {exc}") from None
+        merged.update(from_file)
     merged.update({k: v for k, v in overrides.items() if v is not None and k in names})
-    for k in ("splits", "mined", "sweep", "anchors"):
+    for k in ("splits", "mined", "sweep", "anchors", "grid", "fixed"):
         if k in merged and isinstance(merged[k], list):
             merged[k] = tuple(merged[k])
-    return cls(**merged)
+    return cls(**check_types(cls, merged))
 
 
 def _all_option_names() -> set[str]:

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (ALGORITHM.md §6), per image, parallel over images.
+"""Dense CRF post-processing (docs/method.md §6), per image, parallel over images.
 
 Per image at evaluation resolution, on the un-normalised uint8 RGB image:
 unary = -log(clip(prob, 1e-5)); Gaussian kernel sxy=1, compat=3; bilateral kernel sxy=67,
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 log = logging.getLogger("ppap.crf")
 
@@ -152,8 +151,10 @@ def refine_argmax(
         raise ValueError(f"{len(images)} images but {len(probs)} probability maps; give one per image")
     single = [isinstance(p, np.ndarray) for p in probs]
     results: list = [None] * len(images)
-    with CRFPool(workers, params) as pool, tqdm(total=len(images), desc=desc, unit="img",
-                                                 disable=not progress, dynamic_ncols=True) as bar:
+    from pipeline.executor import progress as progress_bar
+
+    with CRFPool(workers, params) as pool, progress_bar(total=len(images), desc=desc, unit="img",
+                                                        disable=not progress) as bar:
         window = 2 * pool.workers  # bounded number of images in flight (memory)
         pending: dict[int, Future] = {}
         for i, (img, p) in enumerate(zip(images, probs)):

@@ -1,4 +1,4 @@
-"""Datasets by name, the crop protocol (ALGORITHM.md §5) and per-patch majority labels (§8).
+"""Datasets by name, the crop protocol (docs/method.md §5) and per-patch majority labels (§8).
 
 Every dataset yields `Sample(image_id, rgb uint8 (H, W, 3), label int64 (H, W) | None)` with
 ignore = -1. Layouts under `root`:
@@ -694,7 +694,7 @@ def get_dataset(name: str, root: str | os.PathLike | None, split: str, classes: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Views (ALGORITHM.md §5)
+# Views (docs/method.md §5)
 # ---------------------------------------------------------------------------------------------
 
 Box = tuple[int, int, int, int]
@@ -763,7 +763,7 @@ def eval_view(rgb: np.ndarray, label: np.ndarray | None, size: int = 320
 
 
 # ---------------------------------------------------------------------------------------------
-# Patch labels (ALGORITHM.md §8)
+# Patch labels (docs/method.md §8)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ module only schedules. Units that already have their marker are skipped by the c
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Sequence
@@ -18,6 +19,50 @@ log = logging.getLogger("ppap.executor")
 
 class StageInterrupted(RuntimeError):
     pass
+
+
+PROGRESS_EVERY_S = 30.0  # progress lines in log files (stderr not a terminal)
+
+
+class _LineStream:
+    """File for tqdm when stderr is not a terminal: each refresh becomes one whole line (no
+    carriage returns), so log lines never glue onto a progress bar in a log file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = None
+
+    def write(self, s: str) -> None:
+        text = s.replace("\r", "").strip()
+        key = text.split(" [", 1)[0]  # the count, without timings: no repeated final line
+        if text and key != self.last:
+            self.stream.write(text + "\n")
+            self.last = key
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
+             disable: bool = False, **kw: Any) -> tqdm:
+    """THE progress bar of every stage: live on a terminal; on a log file, one plain line at
+    start, every PROGRESS_EVERY_S seconds and at the end. None at all when nothing is left."""
+    if total is not None and total - initial <= 0:
+        disable = True
+    stream = sys.stderr
+    if stream is not None and hasattr(stream, "isatty") and stream.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable,
+                    dynamic_ncols=True, mininterval=0.5, **kw)
+    return _LogTqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable,
+                    file=_LineStream(stream), mininterval=PROGRESS_EVERY_S, ascii=True, ncols=100,
+                    **kw)
+
+
+class _LogTqdm(tqdm):
+    """tqdm for log files: postfix changes do not print a line of their own."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
 @contextmanager
@@ -50,7 +95,7 @@ def run_units(
     units = list(units)
     results: list[Any] = [None] * len(units)
     total = sum(unit_weight(u) for u in units) if unit_weight else len(units)
-    bar = tqdm(total=total, desc=desc, unit=rate_unit, dynamic_ncols=True, mininterval=0.5)
+    bar = progress(total=total, desc=desc, unit=rate_unit)
     try:
         if not units:
             return results

@@ -14,17 +14,250 @@ Layout (one group per split, n = crops in the split; the training split holds 5 
     <out>/markers/features/<split>-<chunk>.done   completion marker per chunk, written last
 
 Arrays are preallocated and written by index; a chunk of `chunk_size` crops is the unit of work.
+Chunk c of every array of a split holds exactly unit c's crops, so unit c is complete when its
+marker exists and each array's chunk file c is there. Markers written by this version record
+each chunk file's size and sha256 (`chunks`); readers check that every unit of a split is
+marked and every chunk file exists with its recorded size before using the split
+(`FeatureStore.split`), and verify each chunk's checksum the first time it is read (CheckedStore).
+Markers of older versions have no `chunks`: their chunk files must exist and have a plausible
+size (uncompressed size, or the size in the blosc header); a features rerun adds checksums.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
+
+from pipeline.integrity import CorruptArtifact, NonFinite, nonfinite_rows, sha256_bytes, sha256_file
 
 STORE_NAME = "features.zarr"
+MARKER_DIR = ("markers", "features")
+
+
+def unit_key(split: str, chunk: int) -> str:
+    """Name of feature unit `chunk` of `split` (its marker is `markers/features/<key>.done`)."""
+    return f"{split}-{int(chunk):05d}"
+
+
+def marker_path(out: str | Path, key: str) -> Path:
+    return Path(out).joinpath(*MARKER_DIR, f"{key}.done")
+
+
+def features_command(out: str | Path) -> str:
+    """The command that (re)runs the features stage of `out` with its saved settings."""
+    cfg = Path(out) / "features_config.json"
+    if cfg.is_file():
+        return f"ppap-pipe features --out {out} --config {cfg}"
+    return f"ppap-pipe features --out {out} <the settings that started it>"
+
+
+# ------------------------------------------------------------------------- chunk bookkeeping
+
+
+def _array_metas(store_path: Path, split: str) -> dict[str, dict[str, Any]]:
+    """zarr.json of every array of a split, by array name."""
+    g = store_path / split
+    out = {}
+    if g.is_dir():
+        for d in sorted(g.iterdir()):
+            meta = d / "zarr.json"
+            if meta.is_file():
+                m = json.loads(meta.read_text())
+                if m.get("node_type") == "array":
+                    out[d.name] = m
+    return out
+
+
+def chunk_key(meta: dict[str, Any], index: int) -> str:
+    """Store key (relative to the array) of chunk `index` along axis 0."""
+    coords = [int(index)] + [0] * (len(meta["shape"]) - 1)
+    enc = meta.get("chunk_key_encoding", {})
+    sep = enc.get("configuration", {}).get("separator", "/")
+    if enc.get("name", "default") == "v2":
+        return sep.join(map(str, coords))
+    return "c" + sep + sep.join(map(str, coords))
+
+
+def _raw_chunk_bytes(meta: dict[str, Any]) -> int:
+    shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return int(np.prod(shape)) * np.dtype(meta["data_type"]).itemsize
+
+
+def plausible_chunk(meta: dict[str, Any], size: int, head: bytes) -> str | None:
+    """Why a chunk file of `size` bytes starting with `head` cannot be whole, or None.
+
+    Without a recorded checksum: uncompressed chunks must have exactly the raw size, blosc
+    chunks the compressed size written in their header.
+    """
+    names = [c.get("name") for c in meta.get("codecs", [])]
+    raw = _raw_chunk_bytes(meta)
+    if names == ["bytes"]:
+        return None if size == raw else f"has {size} bytes, an uncompressed chunk has {raw}"
+    if names[-1:] == ["blosc"] and len(head) >= 16:
+        nbytes, _, cbytes = np.frombuffer(head[4:16], "<u4")
+        if int(cbytes) != size or int(nbytes) != raw:
+            return (f"has {size} bytes, its blosc header says {int(cbytes)} "
+                    f"(of {int(nbytes)} raw, expected {raw})")
+    elif names[-1:] == ["blosc"]:
+        return f"has {size} bytes, too short for a blosc chunk"
+    return None
+
+
+@dataclass
+class UnitCheck:
+    """State of one feature unit on disk (see check_units)."""
+
+    key: str
+    state: str  # ok | missing (no marker) | damaged
+    reason: str = ""
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # array -> key/bytes/sha256
+    legacy: bool = False  # marker without chunk checksums (older ppap-pipe)
+
+
+def expected_units(manifest: dict[str, Any], split: str) -> int | None:
+    """Number of units of `split`, or None for a cache not written by the features stage."""
+    s = manifest.get("splits", {}).get(split) if isinstance(manifest.get("splits"), dict) else None
+    if s is None or not manifest.get("chunk_size"):
+        return None
+    return -(-int(s["n_images"]) // int(manifest["chunk_size"]))
+
+
+def check_units(out: str | Path, manifest: dict[str, Any], split: str,
+                deep: bool = False) -> list[UnitCheck]:
+    """Markers and chunk files of every unit of `split`.
+
+    Cheap mode: the marker is readable and every chunk file exists with its recorded (or a
+    plausible) size. `deep`: also hash every chunk file (and fill `records` for old markers).
+    """
+    out = Path(out)
+    store_path = out / STORE_NAME
+    n = expected_units(manifest, split)
+    metas = _array_metas(store_path, split)
+    result = []
+    for c in range(n or 0):
+        key = unit_key(split, c)
+        mp = marker_path(out, key)
+        if not mp.is_file():
+            result.append(UnitCheck(key, "missing"))
+            continue
+        try:
+            marker = json.loads(mp.read_text())
+            if not isinstance(marker, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            why = "is empty" if mp.stat().st_size == 0 else f"is unreadable ({exc})"
+            result.append(UnitCheck(key, "damaged", f"its marker {mp} {why}"))
+            continue
+        recs = marker.get("chunks") or {}
+        check = UnitCheck(key, "ok", legacy=not recs)
+        for name, meta in metas.items():
+            ck = chunk_key(meta, c)
+            f = store_path / split / name / ck
+            rel = f"{split}/{name}/{ck}"
+            rec = recs.get(name)
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                check.state, check.reason = "damaged", f"chunk file {rel} is missing"
+                break
+            if rec is not None:
+                if size != rec["bytes"]:
+                    check.state = "damaged"
+                    check.reason = f"chunk file {rel} has {size} bytes, {rec['bytes']} were written"
+                    break
+                if deep and sha256_file(f) != rec["sha256"]:
+                    check.state, check.reason = "damaged", f"chunk file {rel} fails its checksum"
+                    break
+                check.records[name] = dict(rec)
+            else:
+                with open(f, "rb") as fh:
+                    head = fh.read(16)
+                why = plausible_chunk(meta, size, head)
+                if why:
+                    check.state, check.reason = "damaged", f"chunk file {rel} {why}"
+                    break
+                check.records[name] = {"key": ck, "bytes": size,
+                                       "sha256": sha256_file(f) if deep else None}
+        result.append(check)
+    return result
+
+
+def chunk_records(out: str | Path, split: str, chunk: int) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of chunk file `chunk` of every array of `split` (for its marker)."""
+    store_path = Path(out) / STORE_NAME
+    recs = {}
+    for name, meta in _array_metas(store_path, split).items():
+        ck = chunk_key(meta, chunk)
+        f = store_path / split / name / ck
+        data = f.read_bytes()
+        recs[name] = {"key": ck, "bytes": len(data), "sha256": sha256_bytes(data)}
+    return recs
+
+
+class CheckedStore(LocalStore):
+    """Read-only LocalStore that checks every chunk the first time it is read.
+
+    `expected` maps store keys (`<split>/<array>/c/...`) to (bytes, sha256 or None) for chunks of
+    completed units: such a chunk must exist (never read back as the fill value) and match its
+    checksum. Other chunks get the plausibility check of `plausible_chunk`.
+    """
+
+    def __init__(self, root, *, read_only: bool = True) -> None:
+        super().__init__(root, read_only=True)
+        self.expected: dict[str, tuple[int, str | None]] = {}
+        self.context: dict[str, str] = {}  # split -> fix hint
+        self._verified: set[str] = set()
+        self._metas: dict[str, dict[str, Any] | None] = {}
+
+    def with_read_only(self, read_only: bool = False):
+        return self
+
+    def _meta(self, array_path: str) -> dict[str, Any] | None:
+        if array_path not in self._metas:
+            f = Path(self.root) / array_path / "zarr.json"
+            self._metas[array_path] = json.loads(f.read_text()) if f.is_file() else None
+        return self._metas[array_path]
+
+    def _fail(self, key: str, why: str) -> CorruptArtifact:
+        split = key.split("/", 1)[0]
+        array_path, _, ck = key.partition("/c/")
+        fix = self.context.get(split, "rebuild the cache with `ppap-pipe features`")
+        return CorruptArtifact(f"the feature cache {self.root} is damaged: chunk c/{ck} of array "
+                               f"{array_path} ({Path(self.root) / key}) {why}; {fix}")
+
+    def verify(self, key: str, data) -> None:
+        if key in self._verified or "/c/" not in key:
+            return
+        view = memoryview(data).cast("B")
+        exp = self.expected.get(key)
+        if exp is not None and exp[1] is not None:
+            if len(view) != exp[0] or sha256_bytes(view) != exp[1]:
+                raise self._fail(key, f"does not match its checksum ({len(view)} bytes, "
+                                      f"{exp[0]} written)")
+        else:
+            meta = self._meta(key.partition("/c/")[0])
+            why = plausible_chunk(meta, len(view), bytes(view[:16])) if meta else None
+            if why:
+                raise self._fail(key, why)
+        self._verified.add(key)
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        if byte_range is not None or key.endswith("zarr.json"):
+            return buf
+        if buf is None:
+            if key in self.expected:
+                raise self._fail(key, "is missing although its unit is marked done")
+            return None
+        self.verify(key, buf.as_numpy_array())
+        return buf
 
 
 def normalise(feats: np.ndarray) -> np.ndarray:
@@ -56,7 +289,8 @@ class FeatureStore:
                 f"no feature cache at {self.path}; run `ppap-pipe features --out {self.out}` first"
             )
         try:
-            self.root = zarr.open_group(str(self.path), mode="r")
+            self._store = CheckedStore(self.path)
+            self.root = zarr.open_group(store=self._store, mode="r")
         except Exception as exc:  # zarr raises several types for foreign/old stores
             raise ValueError(
                 f"{self.path} is not a readable Zarr v3 feature cache ({exc}); "
@@ -68,14 +302,65 @@ class FeatureStore:
                 f"{self.path} has no manifest (written by an incompatible version?); "
                 "rerun `ppap-pipe features` into a new --out"
             )
+        self._checked: set[str] = set()
 
     def split(self, name: str) -> zarr.Group:
+        """A split's arrays, after checking that every unit of it is complete and intact."""
         if name not in self.root:
             raise ValueError(
                 f"the feature cache {self.path} has no split {name!r}; "
                 f"run `ppap-pipe features --splits {name}` for it"
             )
+        if name not in self._checked:
+            self.check_complete(name)
+            self._checked.add(name)
         return self.root[name]
+
+    def check_complete(self, split: str) -> None:
+        """Refuse an unfinished or damaged split; arm chunk checksums for reading it.
+
+        Caches not written by the features stage (no unit plan in the manifest) are not checked.
+        """
+        n = expected_units(self.manifest, split)
+        if n is None:
+            return
+        cmd = features_command(self.out)
+        checks = check_units(self.out, self.manifest, split)
+        missing = [c.key for c in checks if c.state == "missing"]
+        damaged = [c for c in checks if c.state == "damaged"]
+        if missing:
+            raise ValueError(
+                f"the feature cache {self.path} is incomplete: split {split!r} has "
+                f"{n - len(missing)} of {n} chunks done (first missing: {missing[0]}). Finish it "
+                f"by rerunning the features command that started it: `{cmd}`; then rerun this "
+                "command")
+        if damaged:
+            shown = "; ".join(f"{c.key}: {c.reason}" for c in damaged[:3])
+            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+            raise CorruptArtifact(
+                f"the feature cache {self.path} is damaged: {shown}{more}. Rerun `{cmd}`: it "
+                "checks every chunk and recomputes the damaged ones")
+        self._store.context[split] = (f"rerun `{cmd}`: it checks every chunk and recomputes "
+                                      "the damaged ones")
+        for c in checks:
+            for name, rec in c.records.items():
+                self._store.expected[f"{split}/{name}/{rec['key']}"] = (rec["bytes"], rec["sha256"])
+
+    def require_finite(self, split: str, array: str, crops: np.ndarray, data) -> None:
+        """Refuse NaN/Inf in rows `data` (one per crop of `crops`) read from `split/array`."""
+        bad = nonfinite_rows(data)
+        if not len(bad):
+            return
+        crops = np.asarray(crops).reshape(-1)
+        bad_crops = sorted(int(crops[i]) for i in bad)
+        chunk = int(self.root[split][array].chunks[0])
+        units = sorted({unit_key(split, c // chunk) for c in bad_crops})
+        shown = ", ".join(map(str, bad_crops[:8])) + (" ..." if len(bad_crops) > 8 else "")
+        markers = " ".join(str(marker_path(self.out, u)) for u in units[:4])
+        raise NonFinite(
+            f"{self.path}/{split}/{array} holds NaN/Inf values for crop(s) {shown} (feature "
+            f"chunk(s) {', '.join(units)}); nothing was computed from them. Recompute those "
+            f"chunks: delete {markers} and rerun `{features_command(self.out)}`")
 
     def n(self, split: str) -> int:
         return int(self.split(split)["tokens"].shape[0])
@@ -109,6 +394,7 @@ class FeatureStore:
     def mining_features(self, crops: np.ndarray) -> np.ndarray:
         """F for a batch: normalised frozen features of `crops`, rows b*h*w + y*w + x."""
         feats = take_rows(self.split("train")["feats"], crops)
+        self.require_finite("train", "feats", crops, feats)
         return normalise(feats.reshape(-1, feats.shape[-1]))
 
 

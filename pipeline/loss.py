@@ -1,4 +1,4 @@
-"""The PPAP contrastive loss (ALGORITHM.md §3, Eq. 8) over CSR-encoded mined sets.
+"""The PPAP contrastive loss (docs/method.md §3, Eq. 8) over CSR-encoded mined sets.
 
 For anchor i with positives P_i (and ambiguous A_i, both excluding i), negatives N_i are every
 other row of `z` except i, P_i and A_i, and
@@ -15,6 +15,7 @@ does not depend on the chunk size beyond float rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +62,17 @@ def _check_csr(indptr: np.ndarray, indices: np.ndarray, m: int, n: int, name: st
 
 
 def _chunk_sum(z: torch.Tensor, anchor_rows: torch.Tensor, pos_r: torch.Tensor, pos_c: torch.Tensor,
-               inv_npos: torch.Tensor, excl_r: torch.Tensor, excl_c: torch.Tensor,
-               inv_tau: float) -> torch.Tensor:
+               inv_npos: torch.Tensor, self_c: torch.Tensor, amb_r: torch.Tensor,
+               amb_c: torch.Tensor, inv_tau: float, log_amb_weight: float | None) -> torch.Tensor:
     """Sum of l_i over one chunk of anchors (all with at least one positive)."""
     s = (z[anchor_rows] @ z.T) * inv_tau  # (c, N) float32
-    masked = s.index_put((excl_r, excl_c), torch.tensor(float("-inf"), device=s.device))
-    lse = torch.logsumexp(masked, dim=1)  # over P_i u N_i
+    self_r = torch.arange(len(anchor_rows), device=s.device)
+    masked = s.index_put((self_r, self_c), torch.tensor(float("-inf"), device=s.device))
+    if log_amb_weight is None:  # Eq. 8: ambiguous rows leave the denominator
+        masked = masked.index_put((amb_r, amb_c), torch.tensor(float("-inf"), device=s.device))
+    else:  # variant: ambiguous rows stay in the denominator as weak negatives (weight w)
+        masked = masked.index_put((amb_r, amb_c), masked[amb_r, amb_c] + log_amb_weight)
+    lse = torch.logsumexp(masked, dim=1)  # over P_i u N_i (+ w * A_i)
     pos_mean = torch.zeros_like(lse).index_add(0, pos_r, s[pos_r, pos_c]) * inv_npos
     return (lse - pos_mean).sum()
 
@@ -82,12 +88,16 @@ def ppap_loss(
     tau: float,
     parity_factor: bool = False,
     chunk: int = 1024,
+    amb_weight: float = 0.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """Eq. 8 on rows of `z` (N, D), L2-normalised; `anchors` (M,) are row indices of z.
 
     The CSR pairs give, for anchor k, its positives pos_indices[pos_indptr[k]:pos_indptr[k+1]]
     and its ambiguous rows likewise (row indices of z, anchor excluded). Returns the scalar loss
     (float32, differentiable w.r.t. z) and LossStats.
+
+    `amb_weight` w > 0 is a variant of Eq. 8 that keeps ambiguous rows in the denominator with
+    weight w (weak negatives: local repulsion inside the ambiguous band); w = 0 is the paper.
     """
     if z.ndim != 2:
         raise ValueError(f"z must be (N, D), got shape {tuple(z.shape)}")
@@ -95,6 +105,8 @@ def ppap_loss(
         raise ValueError(f"tau={tau} must be > 0")
     if chunk <= 0:
         raise ValueError(f"chunk={chunk} must be a positive number of anchors")
+    if not (0.0 <= amb_weight <= 1.0):
+        raise ValueError(f"amb_weight={amb_weight} must lie in [0, 1] (0 = ambiguous rows excluded)")
     n = z.shape[0]
     a = _as_index(anchors, "anchors")
     pptr, pidx = _as_index(pos_indptr, "pos_indptr"), _as_index(pos_indices, "pos_indices")
@@ -135,7 +147,8 @@ def ppap_loss(
         amb_rows=remap[amb_rows[keep_a]], amb_cols=aidx[keep_a],
     )
     with torch.autocast(device_type=z.device.type, enabled=False):  # float32 log-sum-exp, always
-        total = _sum_chunks(zf, sets, chunk, 1.0 / tau)
+        log_w = math.log(amb_weight) if amb_weight > 0 else None
+        total = _sum_chunks(zf, sets, chunk, 1.0 / tau, log_w)
     loss = total / used.size
     if parity_factor:
         loss = loss * (tau / AUTHORS_BASE_TAU)
@@ -156,7 +169,8 @@ class _UsedSets:
     amb_cols: np.ndarray
 
 
-def _sum_chunks(zf: torch.Tensor, s: _UsedSets, chunk: int, inv_tau: float) -> torch.Tensor:
+def _sum_chunks(zf: torch.Tensor, s: _UsedSets, chunk: int, inv_tau: float,
+                log_amb_weight: float | None = None) -> torch.Tensor:
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(zf.device)
 
@@ -166,11 +180,10 @@ def _sum_chunks(zf: torch.Tensor, s: _UsedSets, chunk: int, inv_tau: float) -> t
     for c in range(n_chunks):
         k0, k1 = c * chunk, min(n_used, (c + 1) * chunk)
         p0, p1, a0, a1 = s.pptr[k0], s.pptr[k1], s.aptr[k0], s.aptr[k1]
-        # excluded from the denominator: the anchor itself and its ambiguous rows
-        excl_r = np.concatenate([np.arange(k1 - k0), s.amb_rows[a0:a1] - k0])
-        excl_c = np.concatenate([s.anchor[k0:k1], s.amb_cols[a0:a1]])
+        # out of the denominator: the anchor itself, and (Eq. 8) its ambiguous rows
         args = (zf, t(s.anchor[k0:k1]), t(s.pos_rows[p0:p1] - k0), t(s.pos_cols[p0:p1]),
-                t(1.0 / s.npos[k0:k1]).float(), t(excl_r), t(excl_c), inv_tau)
+                t(1.0 / s.npos[k0:k1]).float(), t(s.anchor[k0:k1]), t(s.amb_rows[a0:a1] - k0),
+                t(s.amb_cols[a0:a1]), inv_tau, log_amb_weight)
         if zf.requires_grad and n_chunks > 1:  # recomputed in backward: O(chunk * N) memory
             total = total + checkpoint(_chunk_sum, *args, use_reentrant=False,
                                        preserve_rng_state=False)

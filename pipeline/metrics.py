@@ -1,4 +1,4 @@
-"""Segmentation metrics over a whole split (ALGORITHM.md §6).
+"""Segmentation metrics over a whole split (docs/method.md §6).
 
 One confusion matrix is accumulated over every valid pixel of the split (0 <= gt < K); rows are
 ground-truth classes, columns predicted ids. Cluster predictions (C ids, C may differ from K) are

@@ -1,4 +1,4 @@
-"""Mining one batch: PPAP (ALGORITHM.md §2) and the comparison criteria of §7.
+"""Mining one batch: PPAP (docs/method.md §2) and the comparison criteria of §7.
 
 Semantics (§2): s = v · Fᵀ in float32; P⁰ = {j : s_ij > Φ0}; for t = 1..T the proxy is the
 normalised sum of the previous set, d = 1 − v_{t−1}·v_t, Φ −= d/σpos, Ψ += d/σamb (per-anchor
@@ -28,7 +28,7 @@ mine_batch(F, anchors, criterion, params, backend="faiss", device="cpu", mem_bud
 SetsCSR(pos_indptr, pos_indices, amb_indptr, amb_indices)   int64 CSR over anchors
 hp_row_thresholds(F, pool, backend="faiss", device="cpu", mem_budget_mb=512) -> (N,) float64
     c_j = max cosine of row j to the HP pool (§7); mine_batch computes it from hp_pool.
-fit_kmeans(X, k, seed, niter=20) -> (k, D) float32 spherical centroids (faiss.Kmeans)
+fit_kmeans(X, k, seed, niter=20) -> (k, D) float32 spherical centroids (probes.spherical_kmeans)
 assign_clusters(F, centroids, mem_budget_mb=512) -> (N,) int64 (max cosine)
 Helpers to draw the HP pool / k-means sample live in pipeline.batching.sample_patches.
 """
@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from pipeline.config import CRITERIA, MineConfig, check_mine_params
+
 log = logging.getLogger("ppap.mining")
 
-CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
 # criteria decided by a label per row of F (sets = same label minus self); label -1 = unassigned
 CLUSTER_CRITERIA = ("kmeans", "primaps", "eigen")
 BACKENDS = ("faiss", "torch")
@@ -61,25 +62,21 @@ FAISS_ROW_TILE = 4096  # rows of F per faiss BLAS tile in range search (faiss de
 # ----------------------------------------------------------------------------------------
 
 
+_DEFAULTS = {f.name: f.default for f in fields(MineConfig)}  # one source of the defaults
+
+
 @dataclass(frozen=True)
 class MineParams:
-    phi0: float = 0.55  # Φ0, initial positive threshold
-    psi0: float = 0.15  # Ψ0, initial ambiguity threshold
-    prop_iters: int = 2  # T (0 = the anchor itself is the proxy)
-    sigma_pos: float = 3.0  # Φ -= d / σpos
-    sigma_amb: float = 4.0  # Ψ += d / σamb
+    """The propagation parameters of MineConfig (same defaults, same checks)."""
+
+    phi0: float = _DEFAULTS["phi0"]  # Φ0, initial positive threshold
+    psi0: float = _DEFAULTS["psi0"]  # Ψ0, initial ambiguity threshold
+    prop_iters: int = _DEFAULTS["prop_iters"]  # T (0 = the anchor itself is the proxy)
+    sigma_pos: float = _DEFAULTS["sigma_pos"]  # Φ -= d / σpos
+    sigma_amb: float = _DEFAULTS["sigma_amb"]  # Ψ += d / σamb
 
     def __post_init__(self) -> None:
-        for name in ("phi0", "psi0"):
-            v = float(getattr(self, name))
-            if not (-1.0 <= v <= 1.0):
-                raise ValueError(f"{name}={v} must be a cosine in [-1, 1]")
-        if int(self.prop_iters) != self.prop_iters or self.prop_iters < 0:
-            raise ValueError(f"prop_iters={self.prop_iters} must be an integer >= 0 (0 = anchor itself)")
-        for name in ("sigma_pos", "sigma_amb"):
-            v = float(getattr(self, name))
-            if not v > 0:
-                raise ValueError(f"{name}={v} must be > 0 (it divides the proxy movement)")
+        check_mine_params(self.phi0, self.psi0, self.prop_iters, self.sigma_pos, self.sigma_amb)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MineParams":
@@ -752,17 +749,14 @@ def _max_cosine(torch, F: np.ndarray, P, dev, mem_budget_mb: float) -> np.ndarra
 
 
 def fit_kmeans(X: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
-    """Spherical k-means centroids (k, D) float32 of unit rows X, seeded (faiss.Kmeans)."""
-    import faiss
+    """Spherical k-means centroids (k, D) float32 of unit rows X, seeded, one run (no restarts)."""
+    from pipeline.probes import spherical_kmeans
 
     X = _check_unit_matrix("X", X)
     if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(X)):
         raise ValueError(f"k={k} must be an integer in [1, {len(X)}] (the number of samples); "
                          "lower --kmeans-k or draw more samples")
-    km = faiss.Kmeans(X.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True,
-                      verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    km.train(X)
-    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+    return spherical_kmeans(X, k, seed, niter=niter, nredo=1, normalise=False)
 
 
 def assign_clusters(F: np.ndarray, centroids: np.ndarray, mem_budget_mb: float = 512) -> np.ndarray:

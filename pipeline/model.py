@@ -1,4 +1,4 @@
-"""The trained parts of PPAP (ALGORITHM.md §1): fine-tuned last block, projection head, probes.
+"""The trained parts of PPAP (docs/method.md §1): fine-tuned last block, projection head, probes.
 
 The fine-tuned branch consumes the cached mid tokens (tokens entering the backbone's last
 block, CLS first) and never runs the rest of the backbone:
@@ -26,6 +26,8 @@ Checkpoint keys (written by stages/train.py, read by `load_trained`):
     model               {backbone, weights, backbone_seed, weights_fingerprint, patch_size,
                          embed_dim, grid [h, w], num_classes, n_clusters, has_labels, class_names}
     features_fingerprint, mined_fingerprint, code_version
+The file's sha256 is kept beside it in `<checkpoint>.sha256` (pipeline.integrity.write_checked);
+`read_checkpoint` verifies it and refuses non-finite weights.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -132,7 +134,7 @@ class LinearProbe(nn.Module):
 
     def predict_logits(self, code: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, H, W) at `size`. A 1x1 conv commutes with bilinear upsampling, so this
-        equals the probe applied to code upsampled to `size` (ALGORITHM.md §6)."""
+        equals the probe applied to code upsampled to `size` (docs/method.md §6)."""
         logits = self.conv(code)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = Fn.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
@@ -168,8 +170,25 @@ class ClusterProbe(nn.Module):
         return -self.scores(code).max(dim=1).values.mean()
 
 
+class Model(NamedTuple):
+    """The trained modules (unpacks as `branch, linear, cluster`)."""
+
+    branch: FineTunedBranch
+    linear: LinearProbe | None  # None for a cache without labels
+    cluster: ClusterProbe
+
+
+class TrainedModel(NamedTuple):
+    """What `load_trained` returns (unpacks as `branch, linear, cluster, config`)."""
+
+    branch: FineTunedBranch
+    linear: LinearProbe | None
+    cluster: ClusterProbe
+    config: dict[str, Any]  # resolved TrainConfig dict + model/fingerprints/step/epoch
+
+
 def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
-                n_clusters: int | None = None, seed: int = 0, device: str = "cpu"):
+                n_clusters: int | None = None, seed: int = 0, device: str = "cpu") -> Model:
     """(branch, linear_probe or None, cluster_probe) for a feature-cache manifest.
 
     The branch copies `backbone`'s last block and norm; head and probes are drawn from one
@@ -188,10 +207,37 @@ def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
         linear = LinearProbe(dim, int(manifest["num_classes"]), gen)
     cluster = ClusterProbe(dim, k, gen)
     mods = (branch, linear, cluster)
-    return tuple(m.to(device) if m is not None else None for m in mods)
+    return Model(*(m.to(device) if m is not None else None for m in mods))
 
 
-def load_trained(ckpt_path: str | Path, device: str = "cpu"):
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str | None = None) -> Any:
+    """torch.load of a checkpoint after verifying its checksum; clear errors for bad files.
+
+    A checkpoint without a `.sha256` sidecar (older ppap-pipe) is loaded with a warning. Any
+    NaN/Inf among its tensors is refused (a run that diverged).
+    """
+    import io
+
+    from pipeline.integrity import CorruptArtifact, NonFinite, read_checked
+
+    path = Path(path)
+    fix = fix or "retrain (rerun `ppap-pipe train`, into a new --name if needed)"
+    data = read_checked(path, what="checkpoint", fix=fix)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CorruptArtifact(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc)[:120]}; {len(data)} bytes, cut off?); {fix}") from None
+    if isinstance(ckpt, dict):
+        for key in ("branch", "linear_probe", "cluster_probe"):
+            for name, t in (ckpt.get(key) or {}).items():
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFinite(f"{path} holds NaN/Inf weights ({key}.{name}): the run "
+                                    f"diverged or the file is damaged; {fix}")
+    return ckpt
+
+
+def load_trained(ckpt_path: str | Path, device: str = "cpu") -> TrainedModel:
     """(branch, linear_probe or None, cluster_probe, cfg) from a training checkpoint, in eval mode.
 
     `cfg` is the resolved TrainConfig dict plus keys `model` (see the module docstring),
@@ -201,11 +247,8 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}; run `ppap-pipe train` first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
-                         "rerun `ppap-pipe train` into a new --name") from None
+    ckpt = read_checkpoint(path, "cpu", fix="retrain it (rerun `ppap-pipe train` with the same "
+                                            "settings after deleting it, or into a new --name)")
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != CKPT_FORMAT:
         raise ValueError(f"{path} is not a {CKPT_FORMAT} checkpoint (format={found!r}); "
@@ -214,8 +257,8 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     dim = int(meta["embed_dim"])
     from pipeline.backbones import load_backbone
 
-    backbone, _, _ = load_backbone(meta["backbone"], weights=meta.get("weights"), device="cpu",
-                                   seed=int(meta.get("backbone_seed") or 0))
+    backbone = load_backbone(meta["backbone"], weights=meta.get("weights"), device="cpu",
+                             seed=int(meta.get("backbone_seed") or 0)).model
     block, norm = last_block_and_norm(backbone)
     gen = torch.Generator().manual_seed(0)  # initial values are overwritten by the state dicts
     branch = FineTunedBranch(block, norm, tuple(meta["grid"]), dim, generator=gen)
@@ -234,4 +277,4 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu"):
     for m in mods:
         if m is not None:
             m.requires_grad_(False)
-    return mods[0], mods[1], mods[2], cfg
+    return TrainedModel(mods[0], mods[1], mods[2], cfg)

@@ -3,9 +3,11 @@
 Layout under a mined-set directory `<out>/mine/<name>/`:
 
     shards/e{epoch:03d}/b{batch:05d}.npz    the shard (written to a temp name, then os.replace)
-    shards/e{epoch:03d}/b{batch:05d}.done   JSON stats, written LAST by write_shard
+    shards/e{epoch:03d}/b{batch:05d}.done   JSON stats + sha256 of the shard, written LAST
 
 A shard is complete only when its `.done` marker exists; iter_shards lists only those.
+read_shard verifies the shard's bytes against the sha256 in its marker and refuses shards
+without one (mined by an older ppap-pipe); `mine` re-mines such shards (shard_state).
 
 What a shard stores (always: images, anchors, proxy (M, D) float32, phi/psi (M,) float64):
   threshold mode (ppap, p0)  + the "band": every (anchor, j) whose mined similarity lies within
@@ -27,7 +29,7 @@ API
 shard_path(mine_dir, epoch, batch) -> Path;  done_path(path) -> Path;  is_done(path) -> bool
 needs_sets(criterion) -> bool: pass keep_sets=needs_sets(criterion) to mine_batch in the stage
 write_shard(path, mined, epoch, batch, images, criterion, meta=None) -> dict (marker stats)
-read_shard(path) -> Shard
+read_shard(path) -> Shard (verified);  shard_state(path) -> (state, reason) for resuming
 recover_sets(shard, F, dtype=np.float32, mem_budget_mb=256) -> SetsCSR (exact)
 iter_shards(mine_dir, epoch) -> list[Path] (completed shards, batch order);  n_epochs(mine_dir)
 export_batch(F, source, patch_labels=None, image_index=None) -> dict of arrays (issue format)
@@ -39,6 +41,7 @@ import io
 import json
 import logging
 import re
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,7 @@ import numpy as np
 
 from pipeline.mining import (AMB, POS, MinedBatch, SetsCSR, _same_cluster_sets,
                              _unassigned_amb_sets, block_rows, f32_ceil, f32_floor)
+from pipeline.integrity import CorruptArtifact, sha256_bytes
 from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("ppap.shards")
@@ -284,24 +288,88 @@ def write_shard(
         n_rows=int(mined.n_rows), bytes=len(data), bytes_per_anchor=len(data) / max(M, 1),
         mean_pos=float(mined.n_pos.mean()), mean_amb=float(mined.n_amb.mean()),
         mean_neg=float(mined.n_neg.mean()), anchors_without_positive=int((mined.n_pos == 0).sum()),
-        flops=int(mined.flops),
+        flops=int(mined.flops), sha256=sha256_bytes(data),
     )
     atomic_write_json(marker, stats)
     return stats
 
 
-def read_shard(path: str | Path) -> Shard:
-    path = Path(path)
+def remine_hint(path: str | Path) -> str:
+    """The command that re-mines a damaged shard `.../<name>/shards/eNNN/bNNNNN.npz`."""
+    mine_dir = Path(path).parent.parent.parent
+    cfg = mine_dir / "config.json"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            z = {k: z[k] for k in z.files}
-        head = json.loads(z["header"].tobytes().decode())
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable mining shard ({exc}); delete it and its "
-                         ".done marker, then rerun `ppap-pipe mine` to redo that batch") from None
+        out = read_json(cfg)["out"]
+        cmd = f"ppap-pipe mine --out {out} --config {cfg}"
+    except (OSError, ValueError, KeyError, TypeError):
+        cmd = f"ppap-pipe mine --out {mine_dir.parent.parent} --name {mine_dir.name} <its settings>"
+    return (f"rerun `{cmd}`: it re-mines shards that are missing, corrupt or have no checksum, "
+            "and keeps the others")
+
+
+def shard_state(path: str | Path, verify: bool = True) -> tuple[str, str]:
+    """('ok' | 'missing' | 'legacy' | 'corrupt', reason) of one shard, for resuming `mine`.
+
+    'legacy': marker without a checksum (older ppap-pipe); 'corrupt': unreadable or empty
+    marker, or (verify) shard bytes that do not match the checksum.
+    """
+    path = Path(path)
+    marker = done_path(path)
+    if not marker.exists() or not path.exists():
+        return "missing", ""
+    try:
+        rec = read_json(marker)
+        want = rec.get("sha256") if isinstance(rec, dict) else None
+    except (OSError, ValueError) as exc:
+        return "corrupt", str(exc)
+    if want is None:
+        return "legacy", f"{marker} has no checksum"
+    if verify:
+        try:
+            if sha256_bytes(path.read_bytes()) != want:
+                return "corrupt", f"{path} does not match the checksum in {marker.name}"
+        except OSError as exc:
+            return "corrupt", f"{path} is unreadable ({exc})"
+    return "ok", ""
+
+
+def read_shard(path: str | Path, verify: bool = True) -> Shard:
+    """Read one shard; with `verify` (default) its bytes must match the checksum in its marker."""
+    path = Path(path)
+    want = None
+    if verify:
+        marker = done_path(path)
+        if not marker.is_file():
+            raise CorruptArtifact(f"{path} has no {marker.name} marker: its batch was never "
+                                  f"finished; {remine_hint(path)}")
+        rec = read_json(marker)
+        want = rec.get("sha256") if isinstance(rec, dict) else None
+        if want is None:
+            raise CorruptArtifact(f"{path} was mined by an older ppap-pipe and has no checksum in "
+                                  f"{marker.name}, so it cannot be verified; {remine_hint(path)}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorruptArtifact(f"{path} is unreadable ({exc}); {remine_hint(path)}") from None
+    if want is not None and sha256_bytes(data) != want:
+        raise CorruptArtifact(f"{path} does not match the checksum in its marker (corrupt or cut "
+                              f"off, {len(data)} bytes); {remine_hint(path)}")
+    try:
+        return _parse_shard(path, data)
+    except CorruptArtifact:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CorruptArtifact(f"{path} is not a readable mining shard ({type(exc).__name__}: "
+                              f"{exc}); {remine_hint(path)}") from None
+
+
+def _parse_shard(path: Path, data: bytes) -> Shard:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        z = {k: z[k] for k in z.files}
+    head = json.loads(z["header"].tobytes().decode())
     if head.get("format") != SHARD_FORMAT:
-        raise ValueError(f"{path} has shard format {head.get('format')!r}, this code reads "
-                         f"{SHARD_FORMAT}; mine again into a new --name")
+        raise CorruptArtifact(f"{path} has shard format {head.get('format')!r}, this code reads "
+                              f"{SHARD_FORMAT}; mine again into a new --name")
     sh = Shard(
         path=path, epoch=head["epoch"], batch=head["batch"], criterion=head["criterion"],
         mode=head["mode"], n_rows=head["n_rows"], dim=head["dim"], images=z["images"].astype(np.int64),

@@ -24,19 +24,26 @@ class ManifestMismatch(ValueError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then os.replace.
+
+    Running out of space raises integrity.DiskFull naming `path` and the free space left.
+    """
+    from pipeline.integrity import disk_guard
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with disk_guard(path, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -44,7 +51,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file; an empty or cut-off file raises CorruptArtifact naming it."""
+    from pipeline.integrity import CorruptArtifact
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        state = "is empty" if not path.stat().st_size else f"is not valid JSON ({exc})"
+        raise CorruptArtifact(
+            f"{path} {state}: it was cut off or damaged; delete it and rerun the command that "
+            "wrote it (a stage redoes the unit whose marker is missing)") from None
 
 
 def code_version() -> str:
@@ -86,7 +104,7 @@ def check_or_write_manifest(
     if path.exists():
         try:
             old = read_json(path)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise ManifestMismatch(
                 f"{path} is unreadable ({exc}); delete {path.parent} to start this {what} again"
             ) from None

@@ -3,7 +3,7 @@
 For one or more mined runs `<out>/mine/<name>/` made on the same batch plan and anchors, the
 first `batches` batches of plan `epoch` are audited on a seeded sample of at most
 `max_anchors` anchors per batch (the same sample for every run). Sets are recovered exactly
-from the shards; patch labels come from the feature cache (ALGORITHM.md §8 rules, see
+from the shards; patch labels come from the feature cache (docs/method.md §8 rules, see
 pipeline/audit.py). `--sweep` mines the same sampled anchors in memory for every point of a
 grid of (phi0, psi0, prop_iters, sigma_pos, sigma_amb) and audits each, so thresholds can be
 chosen for a new backbone on a small labelled training sample.
@@ -22,10 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import audit as A
-from pipeline import config as C
+from pipeline.audit import (
+    AnchorStats, anchor_stats, batch_stats, concat, fig1b_curve, format_table, parse_sweep,
+    sample_positions, subset_shard, summarise, sweep_points,
+)
+from pipeline.config import AuditConfig, MineConfig, PRESETS, parse_fraction, to_dict
 from pipeline.executor import timed
 from pipeline.featstore import FeatureStore
+from pipeline.integrity import hold_lock, releases_locks, require_device
 from pipeline.store import atomic_write_json, code_version, read_json
 
 log = logging.getLogger("ppap.audit")
@@ -55,12 +59,12 @@ class PlannedBatch:
 class SweepPoint:
     label: str  # e.g. "phi0=0.55 psi0=0.15"
     params: dict[str, float | int]  # the swept values
-    config: C.MineConfig  # base config with the swept values
+    config: MineConfig  # base config with the swept values
 
 
 @dataclass
 class Sweep:
-    base: C.MineConfig
+    base: MineConfig
     grid: dict[str, list[float | int]]
     points: list[SweepPoint]
     skipped: list[dict[str, Any]]  # invalid grid points and why
@@ -73,7 +77,7 @@ class Sweep:
 
 def load_run(out: Path, name: str, epoch: int, store: FeatureStore) -> MinedRun:
     """A mined run's config and its finished shards of `epoch`, checked against the cache."""
-    from pipeline import shards as SH
+    from pipeline.shards import iter_shards, n_epochs, read_marker
 
     path = out / "mine" / name
     if not (path / "manifest.json").is_file() or not (path / "config.json").is_file():
@@ -87,18 +91,19 @@ def load_run(out: Path, name: str, epoch: int, store: FeatureStore) -> MinedRun:
         raise ValueError(f"mined sets {name!r} were mined from a feature cache with fingerprint {fp}, "
                          f"but {store.path} has {store.fingerprint}; mine again for this cache")
     config = read_json(path / "config.json")
-    n_ep = SH.n_epochs(path)
+    n_ep = n_epochs(path)
     if not 0 <= epoch < n_ep:
         raise ValueError(f"mined sets {name!r} have {n_ep} finished epoch(s); epoch={epoch} "
                          f"does not exist, pick --epoch below {max(n_ep, 1)} (or finish mining)")
-    shards = {int(SH.read_marker(p)["batch"]): Path(p) for p in SH.iter_shards(path, epoch)}
+    shards = {int(read_marker(p)["batch"]): Path(p) for p in iter_shards(path, epoch)}
     return MinedRun(name, path, config, shards)
 
 
 def _plan_identity(run: MinedRun) -> dict[str, Any]:
     c = run.config
-    frac = C.parse_fraction(c["anchors_per_image"]) if "anchors_per_image" in c else None
-    return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac}
+    frac = parse_fraction(c["anchors_per_image"]) if "anchors_per_image" in c else None
+    return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac,
+            "holdout": c.get("holdout", 0.0)}
 
 
 def check_compatible(runs: Sequence[MinedRun]) -> None:
@@ -111,7 +116,7 @@ def check_compatible(runs: Sequence[MinedRun]) -> None:
             raise ValueError(
                 f"mined runs {first.name!r} and {r.name!r} were mined on different batches/anchors ("
                 + "; ".join(diffs) + "); audit them separately or re-mine with the same "
-                "--seed, --batch-size and --anchors-per-image"
+                "--seed, --batch-size, --anchors-per-image and --holdout"
             )
 
 
@@ -126,13 +131,13 @@ def batch_patch_labels(store: FeatureStore, images: np.ndarray) -> np.ndarray:
     return out.reshape(-1).astype(np.int64)
 
 
-def _positions(cfg: C.AuditConfig, batch: int, m: int) -> np.ndarray:
+def _positions(cfg: AuditConfig, batch: int, m: int) -> np.ndarray:
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, cfg.epoch, batch]))
-    return A.sample_positions(m, cfg.max_anchors, rng)
+    return sample_positions(m, cfg.max_anchors, rng)
 
 
-def _plan_from_shards(cfg: C.AuditConfig, runs: Sequence[MinedRun]) -> list[PlannedBatch]:
-    from pipeline import shards as SH
+def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedRun]) -> list[PlannedBatch]:
+    from pipeline.shards import read_shard
 
     common = sorted(set.intersection(*(set(r.shards) for r in runs)))
     if not common:
@@ -146,26 +151,26 @@ def _plan_from_shards(cfg: C.AuditConfig, runs: Sequence[MinedRun]) -> list[Plan
                     len(chosen), cfg.batches)
     plan = []
     for k in chosen:
-        sh = SH.read_shard(runs[0].shards[k])
+        sh = read_shard(runs[0].shards[k])
         anchors = np.asarray(sh.anchors, np.int64)
         plan.append(PlannedBatch(k, np.asarray(sh.images, np.int64), anchors,
                                  _positions(cfg, k, anchors.shape[0])))
     return plan
 
 
-def _plan_from_batching(cfg: C.AuditConfig, store: FeatureStore, base: C.MineConfig) -> list[PlannedBatch]:
+def _plan_from_batching(cfg: AuditConfig, store: FeatureStore, base: MineConfig) -> list[PlannedBatch]:
     """The batches the mine stage would make with `base` (used when no mined run is given)."""
     from pipeline.batching import anchor_rows
-    from stages.mine import batch_images
+    from stages.mine import batch_images, train_items
 
-    n_items = int(np.count_nonzero(store.split("train")["valid"][:]))
+    base = dataclasses.replace(base, out=str(store.out))
+    n_items = len(train_items(base))
     if n_items == 0:
         raise ValueError(f"the feature cache {store.path} has no finished training crops; "
                          "rerun `ppap-pipe features`")
     if base.batch_size > n_items:
         log.info("sweep: batch_size %d > %d training crops; using %d", base.batch_size, n_items, n_items)
         base = dataclasses.replace(base, batch_size=n_items)
-    base = dataclasses.replace(base, out=str(store.out))
     h, w = store.grid("train")
     out = []
     for k in range(min(cfg.batches, -(-n_items // base.batch_size))):
@@ -175,36 +180,36 @@ def _plan_from_batching(cfg: C.AuditConfig, store: FeatureStore, base: C.MineCon
     return out
 
 
-def _mine_config(d: dict[str, Any]) -> C.MineConfig:
-    names = {f.name for f in dataclasses.fields(C.MineConfig)}
-    return C.MineConfig(**{k: v for k, v in d.items() if k in names})
+def _mine_config(d: dict[str, Any]) -> MineConfig:
+    names = {f.name for f in dataclasses.fields(MineConfig)}
+    return MineConfig(**{k: v for k, v in d.items() if k in names})
 
 
 def _matching_preset(manifest: dict[str, Any]) -> str | None:
     """The one preset made for this cache's dataset and backbone, if exactly one is."""
-    hits = [n for n, p in C.PRESETS.items()
+    hits = [n for n, p in PRESETS.items()
             if p.get("dataset") == manifest.get("dataset") and p.get("backbone") == manifest.get("backbone")]
     return hits[0] if len(hits) == 1 else None
 
 
-def sweep_setup(cfg: C.AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, Any]) -> Sweep:
+def sweep_setup(cfg: AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, Any]) -> Sweep:
     """Parse the grid; base parameters from the first mined ppap/p0 run, else the cache's preset."""
-    grid = A.parse_sweep(cfg.sweep)
+    grid = parse_sweep(cfg.sweep)
     base_run = next((r for r in runs if r.criterion in ("ppap", "p0")), None)
     if base_run is not None:
         base = _mine_config(base_run.config)
         log.info("sweep: base parameters from mined run %r", base_run.name)
     else:
         preset = _matching_preset(manifest)
-        names = {f.name for f in dataclasses.fields(C.MineConfig)}
-        values = {k: v for k, v in C.PRESETS.get(preset, {}).items() if k in names}
-        base = C.MineConfig(**{**values, "seed": cfg.seed})
+        names = {f.name for f in dataclasses.fields(MineConfig)}
+        values = {k: v for k, v in PRESETS.get(preset, {}).items() if k in names}
+        base = MineConfig(**{**values, "seed": cfg.seed})
         log.info("sweep: base parameters from %s (no mined ppap/p0 run given)",
                  f"preset {preset!r}" if preset else "the defaults")
     base = dataclasses.replace(base, criterion=base.criterion if base.criterion in ("ppap", "p0") else "ppap",
                                backend=cfg.backend, device=cfg.device)
     sweep = Sweep(base, grid, [], [])
-    for params in A.sweep_points(grid):
+    for params in sweep_points(grid):
         label = " ".join(f"{k}={v:g}" for k, v in params.items())
         try:
             sweep.points.append(SweepPoint(label, params, dataclasses.replace(base, **params)))
@@ -217,38 +222,38 @@ def sweep_setup(cfg: C.AuditConfig, runs: Sequence[MinedRun], manifest: dict[str
 
 
 def collect(
-    cfg: C.AuditConfig, store: FeatureStore, runs: Sequence[MinedRun], plan: Sequence[PlannedBatch],
+    cfg: AuditConfig, store: FeatureStore, runs: Sequence[MinedRun], plan: Sequence[PlannedBatch],
     sweep: Sweep | None,
-) -> tuple[dict[str, A.AnchorStats], list[A.AnchorStats]]:
+) -> tuple[dict[str, AnchorStats], list[AnchorStats]]:
     """Per-anchor counts of every run and every sweep point over the planned batches."""
-    from pipeline import mining as MI
-    from pipeline import shards as SH
+    from pipeline.mining import MineParams, mine_batch
+    from pipeline.shards import export_batch, read_shard
 
-    run_stats: dict[str, list[A.AnchorStats]] = {r.name: [] for r in runs}
+    run_stats: dict[str, list[AnchorStats]] = {r.name: [] for r in runs}
     points = sweep.points if sweep else []
-    sweep_stats: list[list[A.AnchorStats]] = [[] for _ in points]
+    sweep_stats: list[list[AnchorStats]] = [[] for _ in points]
     for pb in plan:
         F = store.mining_features(pb.images)
         labels = batch_patch_labels(store, pb.images)
         for r in runs:
-            sh = SH.read_shard(r.shards[pb.batch])
+            sh = read_shard(r.shards[pb.batch])
             if not (np.array_equal(sh.images, pb.images) and np.array_equal(sh.anchors, pb.anchors)):
                 raise ValueError(
                     f"batch {pb.batch} of {r.name!r} holds other images/anchors than {runs[0].name!r}; "
                     "the runs were mined on different batches (or feature caches) and cannot be "
                     "compared: audit them separately"
                 )
-            exported = SH.export_batch(F, A.subset_shard(sh, pb.positions), patch_labels=labels)
-            run_stats[r.name].append(A.batch_stats(exported))
+            exported = export_batch(F, subset_shard(sh, pb.positions), patch_labels=labels)
+            run_stats[r.name].append(batch_stats(exported))
         sub = pb.anchors[pb.positions]
         for i, pt in enumerate(points):
             mc = pt.config
-            mb = MI.mine_batch(F, sub, mc.criterion, MI.MineParams.from_config(mc), backend=cfg.backend,
-                               device=cfg.device, mem_budget_mb=mc.mem_budget_mb, band=mc.band)
-            sweep_stats[i].append(A.anchor_stats(sub, mb.pos_indptr, mb.pos_indices, mb.amb_indptr,
-                                                 mb.amb_indices, labels))
+            mb = mine_batch(F, sub, mc.criterion, MineParams.from_config(mc), backend=cfg.backend,
+                            device=cfg.device, mem_budget_mb=mc.mem_budget_mb, band=mc.band)
+            sweep_stats[i].append(anchor_stats(sub, mb.pos_indptr, mb.pos_indices, mb.amb_indptr,
+                                               mb.amb_indices, labels))
         log.info("audit: batch %d (%d of %d anchors)", pb.batch, len(pb.positions), len(pb.anchors))
-    return ({k: A.concat(v) for k, v in run_stats.items()}, [A.concat(v) for v in sweep_stats])
+    return ({k: concat(v) for k, v in run_stats.items()}, [concat(v) for v in sweep_stats])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +261,10 @@ def collect(
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: C.AuditConfig) -> dict[str, Any]:
+@releases_locks
+def run(cfg: AuditConfig) -> dict[str, Any]:
     """Audit mined runs (and/or a sweep); print the table, write JSON and PNGs."""
+    require_device(cfg.device)
     out = Path(cfg.out)
     store = FeatureStore(out)
     if not store.has_labels or "patch_labels" not in store.split("train"):
@@ -281,18 +288,18 @@ def run(cfg: C.AuditConfig) -> dict[str, Any]:
     with timed(f"audit of {len(plan)} batch(es)", log):
         run_stats, sweep_stats = collect(cfg, store, runs, plan, sweep)
 
-    def result(s: A.AnchorStats) -> dict[str, Any]:
-        return {**A.summarise(s, num_classes=store.num_classes, class_names=store.class_names),
-                "curve": A.fig1b_curve(s)}
+    def result(s: AnchorStats) -> dict[str, Any]:
+        return {**summarise(s, num_classes=store.num_classes, class_names=store.class_names),
+                "curve": fig1b_curve(s)}
 
     run_results = [{"name": r.name, "criterion": r.criterion, "config": r.config, **result(run_stats[r.name])}
                    for r in runs]
     sweep_results = [{"name": pt.label, "criterion": pt.config.criterion, "params": pt.params,
-                      "config": C.to_dict(pt.config), **result(st)}
+                      "config": to_dict(pt.config), **result(st)}
                      for pt, st in zip(sweep.points if sweep else [], sweep_stats)]
 
     report: dict[str, Any] = {
-        "audit_config": C.to_dict(cfg),
+        "audit_config": to_dict(cfg),
         "features_fingerprint": store.manifest.get("fingerprint"),
         "code_version": code_version(),
         "epoch": cfg.epoch,
@@ -303,21 +310,22 @@ def run(cfg: C.AuditConfig) -> dict[str, Any]:
         "runs": run_results,
     }
     if sweep:
-        report.update(sweep=sweep_results, sweep_grid=sweep.grid, sweep_base=C.to_dict(sweep.base),
+        report.update(sweep=sweep_results, sweep_grid=sweep.grid, sweep_base=to_dict(sweep.base),
                       sweep_skipped=sweep.skipped)
 
     audit_dir = out / "audit"
     if run_results:
         print(f"Audit of epoch {cfg.epoch}, batches {report['batches']} "
               f"({sum(report['anchors_audited'])} anchors sampled):")
-        print(A.format_table(run_results))
+        print(format_table(run_results))
     if sweep:
         if sweep.skipped:
             print(f"sweep: skipped {len(sweep.skipped)} invalid point(s) (e.g. psi0 >= phi0)")
         print(f"Sweep of {sweep_results[0]['criterion']} on the same anchors:")
-        print(A.format_table(sweep_results))
+        print(format_table(sweep_results))
 
     json_path = Path(cfg.json) if cfg.json else audit_dir / "audit.json"
+    hold_lock(json_path.parent, "audit output")
     atomic_write_json(json_path, report)
     plot_path = Path(cfg.plot) if cfg.plot else audit_dir / "fig1b.png"
     report["json"] = str(json_path)

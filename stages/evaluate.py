@@ -1,35 +1,38 @@
 """Stage 4: cluster and linear-probe metrics on the evaluation split, with and without CRF.
 
-The evaluation split is `val` of `<out>/features.zarr`. For a trained run, `code` comes from
-the fine-tuned branch applied to the cached val mid tokens and the probes are, by default
-(`--probes trained`), the ones trained with it (the last checkpoint: selection never looks at
-the evaluation split). For `--baseline frozen`, `code` is the cached frozen features and the
-probes are *fitted* on the training split: the cluster probe is a seeded spherical k-means and
-the linear probe a 1x1 conv trained with Adam (lr 1e-3, batch 64, PROBE_EPOCHS = 5 epochs: the
-same optimiser, batch size and epoch count as the presets' training), so every report can show
-the gain over the untrained backbone. `--probes refit` fits a trained run's probes the same
-way, on the training split's code from the trained branch (applied to the cached train mid
-tokens), so trained vs baseline compares representations with identical probe fitting. Both
-fitting paths read their code through a `CodeSource` (frozen feats or branch-encoded tokens).
+The evaluation split is `val` of `<out>/features.zarr`; it is never used to select anything.
+For a trained run, `code` comes from the fine-tuned branch of one of its checkpoints
+(`--checkpoint best`: selected during training on held-out *training* images; `last`;
+`labelfree`: chosen by the label-free rule) applied to the cached val mid tokens. For
+`--baseline frozen`, `code` is the cached frozen features.
 
-Per val image (ALGORITHM.md §6): code -> bilinear upsampling to the label size -> probes;
+Probes measure the representation, not an optimiser: by default (`--probes refit`, and always
+for the frozen baseline) the cluster probe is a seeded spherical k-means (K = classes, restarts)
+and the linear probe a multinomial logistic regression fitted to convergence (L-BFGS on
+standardised code, pipeline.probes), both fitted on the training split's code of the model
+being evaluated, so trained vs frozen compares representations with identical probe fitting.
+`--probes trained` uses the probes trained alongside the network instead. Both fitting paths
+read their code through a `CodeSource` (frozen feats or branch-encoded tokens).
+
+Per val image (docs/method.md §6): code -> bilinear upsampling to the label size -> probes;
 cluster prediction = argmax cosine to the centroids, linear = argmax logits; one confusion
 matrix per (probe, CRF on/off) over the split; Hungarian matching for clusters. CRF runs in
 worker processes while the next batch is computed.
+
+Writes `<out>/eval/<name>/` with name 'frozen' or '<run>-<checkpoint>' ('-trained-probes'
+appended with `--probes trained`): metrics.json, confusion.npz (raw matrices), confusion.png,
+predictions.png, config.json, and probes.pt for fitted probes.
 
 `--probe primaps-em|eigen` replaces the cluster probe (wherever it comes from) by one fitted on
 the training split's code of the evaluated model with pipeline/primaps.py (PriMaPs-EM) or
 pipeline/eigen.py (neural eigenfunctions + k-means); it is scored through the same Hungarian
 path, the linear probe is unchanged, and `-<probe>` is appended to the output name. The
-default `--probe kmeans` behaves exactly as before.
-
-Writes `<out>/eval/<name>/`: metrics.json (with `probes`: trained | refit; the frozen baseline
-reports refit), confusion.npz (raw matrices), confusion.png, predictions.png, config.json (name
-= the training run, `<run>-refit` with `--probes refit`, or 'frozen'; fitted probes are also
-kept in probes.pt).
+default `--probe kmeans` is the spherical k-means probe.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import io
 import logging
@@ -42,13 +45,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from tqdm import tqdm
-
-from pipeline import config as C
-from pipeline import crf as crf_mod
-from pipeline import metrics as M
-from pipeline.executor import timed
+from pipeline.config import EvalConfig, to_dict
+from pipeline.crf import CRFPool, cluster_probs, softmax
+from pipeline.executor import progress, timed
 from pipeline.featstore import FeatureStore, normalise
+from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
+from pipeline.metrics import Confusion, cluster_scores, linear_scores, matched_confusion
+from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, fit_linear, patch_histograms, spherical_kmeans
 from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
 from pipeline.viz import colourise, palette
 
@@ -60,12 +63,8 @@ BATCH = 8  # crops read and encoded per step (val pass; training-split code for 
 UPSAMPLE_BUDGET_MB = 256  # upsampled code (D x S x S float32) held at once
 # fitted probes (frozen baseline, --probes refit), on the training split only
 KMEANS_MAX_ROWS = 100_000  # seeded subsample of training patches for spherical k-means
-KMEANS_NITER = 30
-PROBE_EPOCHS = 5  # linear probe: Adam, lr, batch and epochs as the presets' training
-PROBE_LR = 1e-3
-PROBE_BATCH = 64
-PROBE_BLOCK = 256  # crops read contiguously, shuffled within (I/O-friendly shuffling)
-PROBE_CACHE_MB = 1024  # training splits up to this size are read once and kept in memory
+LINEAR_MAX_ROWS = 600_000  # seeded subsample of training patches (whole crops) for the linear fit
+PROBE_BLOCK = 256  # crops read per block
 PRIMAPS_EM_CACHE_MB = 1536  # --probe primaps-em: float16 training code held in memory (crops
 #                             beyond it are left out by a seeded subsample)
 
@@ -100,7 +99,9 @@ def frozen_source(store: FeatureStore) -> CodeSource:
     feats = store.split(FIT_SPLIT)["feats"]
 
     def read(idx: np.ndarray) -> np.ndarray:
-        return feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        data = feats.get_orthogonal_selection((idx, slice(None), slice(None)))
+        store.require_finite(FIT_SPLIT, "feats", idx, data)
+        return data
 
     return CodeSource("frozen features", feats.dtype.itemsize, read)
 
@@ -115,7 +116,9 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
         with torch.no_grad():
             for s in range(0, len(idx), BATCH):
                 sel = (idx[s:s + BATCH], slice(None), slice(None))
-                t = torch.from_numpy(tokens.get_orthogonal_selection(sel)).to(device, torch.float32)
+                raw = tokens.get_orthogonal_selection(sel)
+                store.require_finite(FIT_SPLIT, "tokens", idx[s:s + BATCH], raw)
+                t = torch.from_numpy(raw).to(device, torch.float32)
                 code = branch.encode(t, grid).float()  # (b, D, h, w)
                 out[s:s + len(t)] = code.flatten(2).transpose(1, 2).cpu().numpy()
         return out
@@ -123,27 +126,57 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
     return CodeSource(f"{name} branch code", 4, read)
 
 
-def _load_checkpoint(cfg: C.EvalConfig, store: FeatureStore):
-    from pipeline.model import load_trained
-
-    ckpt = Path(cfg.out) / "train" / cfg.trained / "last.pt"
-    if not ckpt.is_file():
+def checkpoint_path(cfg: EvalConfig) -> Path:
+    """`<out>/train/<trained>/<checkpoint>.pt`, checked to exist (with advice when it does not)."""
+    run_dir = Path(cfg.out) / "train" / cfg.trained
+    ckpt = run_dir / f"{cfg.checkpoint}.pt"
+    if ckpt.is_file():
+        return ckpt
+    if not (run_dir / "last.pt").is_file():
         raise ValueError(
             f"no checkpoint at {ckpt}; run `ppap-pipe train --out {cfg.out} --name {cfg.trained}` "
             "first, or pass --trained NAME of an existing run (or --baseline frozen)"
         )
+    raise ValueError(
+        f"{run_dir} has no {cfg.checkpoint}.pt: it was trained without held-out images to select "
+        f"on (mine with --holdout > 0 and --select-every > 0 in train), or it is still at its "
+        f"first selection point; evaluate --checkpoint last instead"
+    )
+
+
+def _default_checkpoint(cfg: EvalConfig) -> EvalConfig:
+    """`--checkpoint best` (the default) of a run that never selected (no held-out images, or
+    --select-every 0) falls back to its last checkpoint, saying so; an explicit choice of a run
+    that did select is never changed."""
+    if cfg.baseline == "frozen" or cfg.checkpoint != "best" or not cfg.trained:
+        return cfg
+    run_dir = Path(cfg.out) / "train" / cfg.trained
+    if (run_dir / "best.pt").is_file() or (run_dir / "selection.jsonl").is_file():
+        return cfg
+    if (run_dir / "last.pt").is_file():
+        log.warning("eval: %s was trained without selection points (no held-out images or "
+                    "--select-every 0), so it has no best.pt; evaluating last.pt", run_dir)
+        return dataclasses.replace(cfg, checkpoint="last")
+    return cfg
+
+
+def _load_checkpoint(cfg: EvalConfig, store: FeatureStore):
+    from pipeline.model import load_trained
+
+    ckpt = checkpoint_path(cfg)
     branch, linear, cluster, tcfg = load_trained(ckpt, cfg.device)
     if tcfg.get("features_fingerprint") != store.fingerprint:
         raise ValueError(
             f"{ckpt} was trained on feature cache {tcfg.get('features_fingerprint')} but "
             f"{store.path} is {store.fingerprint}; evaluate with the --out it was trained in"
         )
-    info = {"checkpoint": str(ckpt), "step": tcfg.get("step"), "epoch": tcfg.get("epoch"),
-            "mined_fingerprint": tcfg.get("mined_fingerprint")}
+    info = {"checkpoint": str(ckpt), "checkpoint_kind": cfg.checkpoint, "step": tcfg.get("step"),
+            "epoch": tcfg.get("epoch"), "mined_fingerprint": tcfg.get("mined_fingerprint"),
+            "selection": tcfg.get("selection")}
     return branch, linear, cluster, info
 
 
-def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+def _trained_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     branch, linear, cluster, info = _load_checkpoint(cfg, store)
     grid = store.grid(EVAL_SPLIT)
     dev = torch.device(cfg.device)
@@ -152,15 +185,22 @@ def _trained_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
         tokens = torch.from_numpy(batch["tokens"]).to(dev, torch.float32)
         return branch.encode(tokens, grid).float()
 
+    name = report_name(cfg)
     source = branch_source(store, branch, dev, cfg.trained)
     if cfg.probes == "refit":
-        name = f"{cfg.trained}-refit"
         linear, cluster, fit_info = _fit_probes(cfg, store, source)
         return Probes(name, "tokens", code, linear, cluster, {**info, **fit_info}, source)
     if linear is None:
         raise ValueError(f"{info['checkpoint']} has no linear probe (trained without labels); "
                          "cannot evaluate it with --probes trained")
-    return Probes(cfg.trained, "tokens", code, linear, cluster, info, source)
+    return Probes(name, "tokens", code, linear, cluster, info, source)
+
+
+def report_name(cfg: EvalConfig) -> str:
+    """eval/<name>: 'frozen', or '<run>-<checkpoint>' (+ '-trained-probes' with --probes trained)."""
+    if cfg.baseline == "frozen":
+        return "frozen"
+    return f"{cfg.trained}-{cfg.checkpoint}" + ("-trained-probes" if cfg.probes == "trained" else "")
 
 
 def _frozen_code_fn(store: FeatureStore, split: str, device: torch.device):
@@ -179,14 +219,22 @@ def _valid_rows(group, n: int) -> np.ndarray:
     return np.arange(n)
 
 
-def _kmeans_sample(store: FeatureStore, seed: int, source: CodeSource) -> np.ndarray:
-    """Seeded subsample (<= KMEANS_MAX_ROWS rows) of normalised training-split code."""
+def _sample_crops(store: FeatureStore, seed: int, max_rows: int, tag: int) -> np.ndarray:
+    """Sorted seeded choice of whole valid training crops holding at most `max_rows` patches."""
     g = store.split(FIT_SPLIT)
     crops = _valid_rows(g, store.n(FIT_SPLIT))
     hw = int(np.prod(store.grid(FIT_SPLIT)))
-    rng = np.random.default_rng([seed, 1])
-    n_crops = min(len(crops), -(-KMEANS_MAX_ROWS // hw))
-    chosen = np.sort(rng.choice(crops, size=n_crops, replace=False))
+    n_crops = min(len(crops), max(1, max_rows // hw))
+    if n_crops == len(crops):
+        return crops
+    rng = np.random.default_rng([seed, tag])
+    return np.sort(rng.choice(crops, size=n_crops, replace=False))
+
+
+def _kmeans_sample(store: FeatureStore, seed: int, source: CodeSource) -> np.ndarray:
+    """Seeded subsample (<= KMEANS_MAX_ROWS rows) of normalised training-split code."""
+    chosen = _sample_crops(store, seed, KMEANS_MAX_ROWS + int(np.prod(store.grid(FIT_SPLIT))), 1)
+    rng = np.random.default_rng([seed, 3])
     rows = []
     for s in range(0, len(chosen), PROBE_BLOCK):
         f = source.read(chosen[s:s + PROBE_BLOCK])
@@ -198,23 +246,20 @@ def _kmeans_sample(store: FeatureStore, seed: int, source: CodeSource) -> np.nda
 
 
 def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids (k, D) of unit rows `x` (faiss, seeded)."""
-    import faiss
-
+    """Spherical k-means centroids (k, D) of the rows `x` (pipeline.probes, seeded restarts)."""
     if len(x) < k:
         raise ValueError(f"{len(x)} training patches cannot make {k} clusters; cache more training images")
-    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_NITER, seed=int(seed), spherical=True,
-                      max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)
-    km.train(x)
-    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+    return spherical_kmeans(x, k, seed)
 
 
 def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
                      source: CodeSource | None = None):
-    """LinearProbe trained on training-split code and labels (Adam, seeded order).
+    """LinearProbe fitted to convergence on training-split code (pipeline.probes.fit_linear).
 
-    `source` defaults to the frozen features. PROBE_EPOCHS epochs of PROBE_BATCH crops at
-    PROBE_LR: the optimiser, batch size and epoch count of the presets' training.
+    `source` defaults to the frozen features. Rows: the patches of a seeded choice of whole
+    training crops (all of them up to LINEAR_MAX_ROWS patches); targets: the class histogram of
+    the labelled pixels under each patch. The fit (on standardised code, L-BFGS) is folded back
+    into an ordinary 1x1-conv LinearProbe on raw code.
     """
     from pipeline.model import LinearProbe
 
@@ -223,55 +268,36 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     if "labels" not in g:
         raise ValueError(f"{store.path}/{FIT_SPLIT} has no labels; a fitted linear probe needs a "
                          "labelled training split")
-    code_fn = _frozen_code_fn(store, FIT_SPLIT, device)  # (n, h*w, D) rows -> (n, D, h, w)
+    grid = store.grid(FIT_SPLIT)
+    chosen = _sample_crops(store, seed, LINEAR_MAX_ROWS, 2)
+    xs, hs = [], []
+    starts = range(0, len(chosen), PROBE_BLOCK)
+    with progress(total=len(starts), desc=f"read {source.name}", unit="block") as bar:
+        for s in starts:
+            idx = chosen[s:s + PROBE_BLOCK]
+            f = source.read(idx)
+            xs.append(np.asarray(f, dtype=np.float32).reshape(-1, f.shape[-1]))
+            lab = g["labels"].get_orthogonal_selection((idx, slice(None), slice(None)))
+            hs.append(patch_histograms(lab, grid, store.num_classes))
+            bar.update(1)
+    x, hist = np.concatenate(xs), np.concatenate(hs)
+    del xs, hs
+    fit = fit_linear(x, hist, device=device)
+    log.info("linear probe on %s: %d rows, L-BFGS %d iterations, max gradient %.1e, loss %.4f",
+             source.name, len(x), fit.iterations, fit.grad_max, fit.loss)
     gen = torch.Generator().manual_seed(int(seed))
-    probe = LinearProbe(store.embed_dim, store.num_classes, gen).to(device)
-    opt = torch.optim.Adam(probe.parameters(), lr=PROBE_LR)
-    crops = _valid_rows(g, store.n(FIT_SPLIT))
-    blocks = [crops[s:s + PROBE_BLOCK] for s in range(0, len(crops), PROBE_BLOCK)]
-    labels_arr = g["labels"]
-    hw = int(np.prod(store.grid(FIT_SPLIT)))
-    row_bytes = hw * store.embed_dim * source.itemsize + int(np.prod(labels_arr.shape[1:])) * 2
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
-        {} if len(crops) * row_bytes <= PROBE_CACHE_MB << 20 else None)  # small splits: read once
-
-    def read(bi: int) -> tuple[np.ndarray, np.ndarray]:
-        if cache is not None and bi in cache:
-            return cache[bi]
-        sel = (blocks[bi], slice(None), slice(None))
-        data = source.read(blocks[bi]), labels_arr.get_orthogonal_selection(sel)
-        if cache is not None:
-            cache[bi] = data
-        return data
-
-    rng = np.random.default_rng([seed, 2])
-    epochs = PROBE_EPOCHS
-    steps = epochs * sum(-(-len(b) // PROBE_BATCH) for b in blocks)
-    with torch.enable_grad(), tqdm(total=steps, desc=f"linear probe on {source.name}", unit="step",
-                                   dynamic_ncols=True) as bar:
-        for _ in range(epochs):
-            for bi in rng.permutation(len(blocks)):
-                feats, labels = read(int(bi))
-                order = rng.permutation(len(feats))
-                for s in range(0, len(feats), PROBE_BATCH):
-                    j = order[s:s + PROBE_BATCH]
-                    code = code_fn({"feats": feats[j]})
-                    lab = torch.from_numpy(labels[j].astype(np.int64)).to(device)
-                    loss = probe.loss(code, lab)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    bar.update(1)
-                    if bar.n % 25 == 0:
-                        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    probe.eval().requires_grad_(False)
-    probe.epochs, probe.steps = epochs, steps  # recorded in metrics.json
+    probe = LinearProbe(store.embed_dim, store.num_classes, gen)
+    with torch.no_grad():
+        probe.conv.weight.copy_(torch.from_numpy(fit.weight)[:, :, None, None])
+        probe.conv.bias.copy_(torch.from_numpy(fit.bias))
+    probe = probe.to(device).eval().requires_grad_(False)
+    probe.fit_info = {**fit.info(), "linear_rows": int(len(x))}  # recorded in metrics.json
     return probe
 
 
-def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
-    """(linear, cluster, info): seeded spherical k-means (K = classes) and a linear probe,
-    both fitted on `source`'s training-split code; the same path for every fitted model."""
+def _fit_probes(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
+    """(linear, cluster, info): seeded spherical k-means (K = classes) and a linear probe fitted
+    to convergence, both on `source`'s training-split code; the same path for every model."""
     from pipeline.model import ClusterProbe
 
     dev = torch.device(cfg.device)
@@ -285,17 +311,16 @@ def _fit_probes(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
         with torch.no_grad():
             cluster.centroids.copy_(torch.from_numpy(centroids))
         cluster = cluster.to(dev).eval().requires_grad_(False)
-        info.update(kmeans_rows=int(len(x)), kmeans_niter=KMEANS_NITER)
+        info.update(kmeans_rows=int(len(x)), kmeans_niter=KMEANS_NITER, kmeans_nredo=KMEANS_NREDO)
     else:  # fitted by run() through fit_seed_probe
         cluster = None
     with timed(f"linear probe on {source.name}", log):
         linear = fit_linear_probe(store, cfg.seed, dev, source)
-    info.update(probe_epochs=linear.epochs, probe_steps=linear.steps, probe_lr=PROBE_LR,
-                probe_batch=PROBE_BATCH)
+    info.update(linear.fit_info)
     return linear, cluster, info
 
 
-def _frozen_probes(cfg: C.EvalConfig, store: FeatureStore) -> Probes:
+def _frozen_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     source = frozen_source(store)
     linear, cluster, info = _fit_probes(cfg, store, source)
     code = _frozen_code_fn(store, EVAL_SPLIT, torch.device(cfg.device))
@@ -321,7 +346,7 @@ def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.nd
     return out
 
 
-def fit_seed_probe(cfg: C.EvalConfig, store: FeatureStore, source: CodeSource):
+def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
     """(cluster-probe-like module, info) for --probe primaps-em | eigen, fitted on `source`."""
     from pipeline import eigen, primaps
     from pipeline.model import ClusterProbe
@@ -371,7 +396,7 @@ def _show_indices(n: int, n_show: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n_show, n))})
 
 
-def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
+def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
     """Stream the val split; returns confusion matrices and the predictions of shown images."""
     g = store.split(EVAL_SPLIT)
     if "labels" not in g:
@@ -383,7 +408,7 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     c = probes.cluster.n_clusters
     if probes.linear.num_classes != k:
         raise ValueError(f"linear probe has {probes.linear.num_classes} classes, the cache {k}")
-    conf = {(p, on): M.Confusion(k, c if p == "cluster" else k)
+    conf = {(p, on): Confusion(k, c if p == "cluster" else k)
             for p in ("cluster", "linear") for on in ((False, True) if cfg.crf else (False,))}
     show_at = set(_show_indices(len(rows), cfg.n_show))
     shown: dict[int, dict[str, np.ndarray]] = {}
@@ -391,10 +416,10 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
     size = (int(g["labels"].shape[-2]), int(g["labels"].shape[-1]))  # labels and rgb: S x S
     per_step = max(1, (UPSAMPLE_BUDGET_MB << 20) // (store.embed_dim * size[0] * size[1] * 4))
 
-    pool = crf_mod.CRFPool(cfg.workers) if cfg.crf else None
+    pool = CRFPool(cfg.workers) if cfg.crf else None
     window = 2 * pool.workers if pool else 0
     pending: dict[int, Future] = {}
-    crf_bar = tqdm(total=len(rows), desc="crf", unit="img", dynamic_ncols=True, disable=pool is None)
+    crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)
     labels_of: dict[int, np.ndarray] = {}
 
     def collect(pos: int) -> None:
@@ -407,12 +432,13 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
         crf_bar.update(1)
 
     try:
-        with torch.no_grad(), tqdm(total=len(rows), desc=f"eval {probes.name}", unit="img",
-                                   dynamic_ncols=True) as bar:
+        with torch.no_grad(), progress(total=len(rows), desc=f"eval {probes.name}",
+                                       unit="img") as bar:
             for b0 in range(0, len(rows), BATCH):
                 idx = rows[b0:b0 + BATCH]
                 sel = (idx, *([slice(None)] * 2))
                 batch = {key: g[key].get_orthogonal_selection(sel)}
+                store.require_finite(EVAL_SPLIT, key, idx, batch[key])
                 labels = g["labels"].get_orthogonal_selection(sel).astype(np.int64)
                 rgb = g["rgb"].get_orthogonal_selection((idx, *([slice(None)] * 3)))
                 code = probes.code(batch)
@@ -421,8 +447,8 @@ def evaluate_split(cfg: C.EvalConfig, store: FeatureStore, probes: Probes) -> di
                     cl_pred = cos.argmax(1).cpu().numpy()
                     li_pred = logits.argmax(1).cpu().numpy()
                     if pool is not None:
-                        p_cl = crf_mod.cluster_probs(cos.cpu().numpy(), axis=1)
-                        p_li = crf_mod.softmax(logits.cpu().numpy(), axis=1)
+                        p_cl = cluster_probs(cos.cpu().numpy(), axis=1)
+                        p_li = softmax(logits.cpu().numpy(), axis=1)
                     for j in range(cl_pred.shape[0]):
                         pos = b0 + s + j
                         gt = labels[s + j]
@@ -459,8 +485,8 @@ def summarise(confs: dict[tuple[str, bool], np.ndarray], crf_on: bool) -> tuple[
     mappings: dict[str, list[int]] = {}
     for on in ((False, True) if crf_on else (False,)):
         tag = "crf" if on else "no_crf"
-        cs, mapping = M.cluster_scores(confs[("cluster", on)])
-        ls = M.linear_scores(confs[("linear", on)])
+        cs, mapping = cluster_scores(confs[("cluster", on)])
+        ls = linear_scores(confs[("linear", on)])
         out[tag] = {
             "cluster_acc": cs.accuracy, "cluster_miou": cs.miou,
             "linear_acc": ls.accuracy, "linear_miou": ls.miou,
@@ -545,15 +571,18 @@ def _map(clusters: np.ndarray, mapping: np.ndarray, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- entry point
 
 
-def run(cfg: C.EvalConfig) -> dict[str, Any]:
+@releases_locks
+def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a trained run (or the frozen baseline) on val; writes `<out>/eval/<name>/`
-    (`<name>-refit/` for a trained run with `probes="refit"`)."""
+    (see `report_name`)."""
     t0 = time.perf_counter()
+    require_device(cfg.device)
     if cfg.baseline == "none" and not cfg.trained:
         raise ValueError("give --trained NAME (a run under out/train/) or --baseline frozen")
     store = FeatureStore(cfg.out)
     if not store.has_labels:
         raise ValueError(f"{store.path} was cached without labels; evaluation needs a labelled dataset")
+    cfg = _default_checkpoint(cfg)
     probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
     if cfg.probe != "kmeans":
         probes.cluster, seed_info = fit_seed_probe(cfg, store, probes.source)
@@ -587,8 +616,9 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
         "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    dest.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dest / "config.json", {**C.to_dict(cfg), "name": name})
+    hold_lock(dest, "evaluation")  # the run it reads needs no lock
+    clean_orphans(dest)
+    atomic_write_json(dest / "config.json", {**to_dict(cfg), "name": name})
     if fitted or cfg.probe != "kmeans":  # keep fitted probes for inspection and reuse
         buf = io.BytesIO()
         torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
@@ -600,7 +630,7 @@ def run(cfg: C.EvalConfig) -> dict[str, Any]:
     np.savez_compressed(buf, **{f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()})
     atomic_write_bytes(dest / "confusion.npz", buf.getvalue())
     mapping_arr = {t: np.asarray(v) for t, v in mappings.items()}
-    matched = M.matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
+    matched = matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
     if not (matched[:, -1] > 0).any():
         matched = matched[:, :-1]
     atomic_write_bytes(dest / "confusion.png",

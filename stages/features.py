@@ -2,8 +2,11 @@
 
 Unit of work: a chunk of `chunk_size` source images of one split (5 crops each for `train`,
 one evaluation view each for `val`). A chunk writes its own preallocated region of every array,
-then its marker `markers/features/<split>-<chunk>.done`. A rerun skips marked chunks; a chunk
-cut short is simply redone, so the result equals an uninterrupted run.
+then its marker `markers/features/<split>-<chunk>.done` with the size and sha256 of each chunk
+file it wrote. A rerun checks every marked chunk against its marker (recomputing damaged ones and
+adding checksums to markers of older versions) and skips the intact ones; a chunk cut short is
+simply redone, so the result equals an uninterrupted run. One writer at a time (lock
+`<out>/.features.lock`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import config as C
+from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
-from pipeline.featstore import STORE_NAME, create_split
+from pipeline.featstore import (STORE_NAME, _array_metas, check_units, chunk_key, chunk_records,
+                                create_split, marker_path)
+from pipeline.integrity import (NonFinite, clean_orphans, disk_guard, hold_lock, nonfinite_rows,
+                                releases_locks, require_device)
 from pipeline.store import Markers, atomic_write_json, check_or_write_manifest
 
 log = logging.getLogger("ppap.features")
@@ -46,7 +52,7 @@ class Unit:
         return self.stop - self.start
 
 
-def _side(cfg: C.FeaturesConfig, split: str) -> int:
+def _side(cfg: FeaturesConfig, split: str) -> int:
     return cfg.train_size if split == "train" else cfg.eval_size
 
 
@@ -65,7 +71,7 @@ def _backbone(name: str, weights: str | None, device: str, seed: int):
     return load_backbone(name, weights=weights, device=device, seed=seed)
 
 
-def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
+def _describe(cfg: FeaturesConfig) -> dict[str, Any]:
     """Identity of the cache: everything that changes its contents."""
     from pipeline.backbones import input_size
 
@@ -103,7 +109,7 @@ def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
     }
     manifest = {
         **identity,
-        "fingerprint": C.config_hash(identity),
+        "fingerprint": config_hash(identity),
         "weights": cfg.weights,
         "patch_size": info.patch_size,
         "embed_dim": info.embed_dim,
@@ -118,7 +124,7 @@ def _describe(cfg: C.FeaturesConfig) -> dict[str, Any]:
     return manifest
 
 
-def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
+def _prepare_store(cfg: FeaturesConfig, manifest: dict[str, Any]):
     import zarr
 
     out = Path(cfg.out)
@@ -154,7 +160,7 @@ def _prepare_store(cfg: C.FeaturesConfig, manifest: dict[str, Any]):
     return root
 
 
-def _units(cfg: C.FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
+def _units(cfg: FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
     units = []
     for split, s in manifest["splits"].items():
         n = s["n_images"]
@@ -163,7 +169,7 @@ def _units(cfg: C.FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
     return units
 
 
-def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
+def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
     import torch
     import zarr
@@ -219,27 +225,71 @@ def process_unit(unit: Unit, cfg: C.FeaturesConfig) -> dict[str, Any]:
             mid, feat = forward_tokens(model, xb)
             mids.append(mid.to("cpu", torch.float16).numpy())
             feats.append(feat.to("cpu", torch.float16).numpy())
+    mids, feats = np.concatenate(mids), np.concatenate(feats)
+    for name, arr in (("tokens", mids), ("feats", feats)):  # float16 overflow included
+        bad = nonfinite_rows(arr)
+        if len(bad):
+            imgs = sorted({ds.image_id(img_idx[i]) for i in bad})
+            raise NonFinite(
+                f"the backbone {cfg.backbone} produced NaN/Inf {name} for image(s) "
+                f"{', '.join(imgs[:5])} of split {unit.split}; nothing of chunk {unit.key} was "
+                "written. Check the --weights file (a damaged checkpoint gives NaN) and rerun")
 
     lo, hi = unit.start * per, unit.stop * per
-    g = zarr.open_group(str(Path(cfg.out) / STORE_NAME), mode="r+")[unit.split]
-    g["tokens"][lo:hi] = np.concatenate(mids)
-    g["feats"][lo:hi] = np.concatenate(feats)
-    g["rgb"][lo:hi] = np.stack(rgbs)
-    g["image_index"][lo:hi] = np.asarray(img_idx, np.int32)
-    g["crop_box"][lo:hi] = np.asarray(boxes, np.int32).reshape(-1, 4)
-    if "labels" in g:
-        lab = np.stack(labels).astype(np.int16)
-        g["labels"][lo:hi] = lab
-        g["patch_labels"][lo:hi] = np.stack([patch_labels(l, grid) for l in lab]).astype(np.int16)
-    g["valid"][lo:hi] = np.asarray(valid, np.uint8)  # last array written
+    store_path = Path(cfg.out) / STORE_NAME
+    # every chunk is written, even all-zero ones: a chunk file that is missing is then always
+    # damage, never "all fill value"
+    with zarr.config.set({"array.write_empty_chunks": True}), disk_guard(store_path / unit.split):
+        g = zarr.open_group(str(store_path), mode="r+")[unit.split]
+        g["tokens"][lo:hi] = mids
+        g["feats"][lo:hi] = feats
+        g["rgb"][lo:hi] = np.stack(rgbs)
+        g["image_index"][lo:hi] = np.asarray(img_idx, np.int32)
+        g["crop_box"][lo:hi] = np.asarray(boxes, np.int32).reshape(-1, 4)
+        if "labels" in g:
+            lab = np.stack(labels).astype(np.int16)
+            g["labels"][lo:hi] = lab
+            g["patch_labels"][lo:hi] = np.stack([patch_labels(l, grid) for l in lab]).astype(np.int16)
+        g["valid"][lo:hi] = np.asarray(valid, np.uint8)  # last array written
     stats = {"images": unit.n_images, "crops": hi - lo, "skipped": skipped,
-             "seconds": round(time.perf_counter() - t0, 3)}
+             "seconds": round(time.perf_counter() - t0, 3),
+             "chunks": chunk_records(cfg.out, unit.split, unit.chunk)}
     Markers(Path(cfg.out) / "markers" / "features").mark(unit.key, stats)
     return stats
 
 
-def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
+def _check_done_units(cfg: FeaturesConfig, manifest: dict[str, Any], units: list[Unit]) -> set[str]:
+    """Keys of units whose marker and chunk files are intact (checksums verified).
+
+    Damaged units (missing/cut-off chunk file, checksum mismatch, empty marker) lose their
+    marker and chunk files and are recomputed. Markers of older versions get checksums.
+    """
+    out = Path(cfg.out)
+    by_key = {u.key: u for u in units}
+    ok: set[str] = set()
+    for split in manifest["splits"]:
+        for check in check_units(out, manifest, split, deep=True):
+            if check.key not in by_key or check.state == "missing":
+                continue
+            if check.state == "damaged":
+                log.warning("features: chunk %s is damaged (%s); recomputing it", check.key,
+                            check.reason)
+                marker_path(out, check.key).unlink(missing_ok=True)
+                for name, meta in _array_metas(out / STORE_NAME, split).items():
+                    (out / STORE_NAME / split / name / chunk_key(meta, by_key[check.key].chunk)
+                     ).unlink(missing_ok=True)
+                continue
+            if check.legacy:
+                stats = json.loads(marker_path(out, check.key).read_text())
+                Markers(out / "markers" / "features").mark(check.key, {**stats, "chunks": check.records})
+            ok.add(check.key)
+    return ok
+
+
+@releases_locks
+def run(cfg: FeaturesConfig) -> dict[str, Any]:
     """Fill `<out>/features.zarr`; resumable; refuses to mix caches made from other inputs."""
+    require_device(cfg.device)
     # absolute paths: dask workers may start elsewhere
     cfg = dataclasses.replace(
         cfg, out=str(Path(cfg.out).resolve()),
@@ -249,6 +299,9 @@ def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
     log.info("features: dataset=%s backbone=%s out=%s device=%s seed=%d", cfg.dataset,
              cfg.backbone, out, cfg.device, cfg.seed)
     manifest = _describe(cfg)
+    hold_lock(out, "feature cache", name=".features.lock")
+    for path, deep in ((out, False), (out / STORE_NAME, True), (out / "markers", True)):
+        clean_orphans(path, recursive=deep)
     check_or_write_manifest(
         out / "features_manifest.json",
         {k: manifest[k] for k in ("dataset", "backbone", "weights_fingerprint", "seed",
@@ -256,10 +309,11 @@ def run(cfg: C.FeaturesConfig) -> dict[str, Any]:
         what="feature cache",
     )
     _prepare_store(cfg, manifest)
-    atomic_write_json(out / "features_config.json", C.to_dict(cfg))
+    atomic_write_json(out / "features_config.json", to_dict(cfg))
     markers = Markers(out / "markers" / "features")
     units = _units(cfg, manifest)
-    todo = [u for u in units if not markers.done(u.key)]
+    intact = _check_done_units(cfg, manifest, units)
+    todo = [u for u in units if u.key not in intact]
     log.info("features: %d chunks, %d already done", len(units), len(units) - len(todo))
     t0 = time.perf_counter()
     run_units(

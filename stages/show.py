@@ -18,8 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline import config as C
+from pipeline.config import ShowConfig
 from pipeline.featstore import take_rows
+from pipeline.integrity import hold_lock, releases_locks
 from pipeline.viz import colourise, palette
 from pipeline.audit import subset_shard
 
@@ -144,7 +145,7 @@ def render_anchor(
     return path
 
 
-def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
+def _choose_anchors(cfg: ShowConfig, m: int) -> list[int]:
     bad = [a for a in cfg.anchors if not 0 <= a < m]
     if bad:
         raise ValueError(f"anchor position(s) {bad} outside this shard's 0..{m - 1}; pick --anchor below {m}")
@@ -156,9 +157,10 @@ def _choose_anchors(cfg: C.ShowConfig, m: int) -> list[int]:
     return chosen
 
 
-def run(cfg: C.ShowConfig) -> list[Path]:
+@releases_locks
+def run(cfg: ShowConfig) -> list[Path]:
     """Render the chosen anchors of shard (epoch, batch) of `<out>/mine/<mined>/`."""
-    from pipeline import shards as SH
+    from pipeline.shards import recover_sets
     from stages.mine import load_batch
 
     out = Path(cfg.out)
@@ -166,7 +168,7 @@ def run(cfg: C.ShowConfig) -> list[Path]:
     images = np.asarray(shard.images, np.int64)
     anchors = np.asarray(shard.anchors, np.int64)
     chosen = _choose_anchors(cfg, anchors.shape[0])
-    sets = SH.recover_sets(subset_shard(shard, np.asarray(chosen, np.int64)), F)  # row i = chosen[i]
+    sets = recover_sets(subset_shard(shard, np.asarray(chosen, np.int64)), F)  # row i = chosen[i]
     g = store.split("train")
     rgb = take_rows(g["rgb"], images)
     labels = take_rows(g["labels"], images) if store.has_labels and "labels" in g else None
@@ -174,6 +176,7 @@ def run(cfg: C.ShowConfig) -> list[Path]:
     names = store.class_names if labels is not None else None
     dest = Path(cfg.dest) if cfg.dest else out / "show" / cfg.mined
     grid = store.grid("train")
+    hold_lock(dest, "picture folder")
     written = []
     for i, a in enumerate(chosen):
         title = (f"{cfg.mined} ({shard.criterion}), epoch {cfg.epoch}, batch {cfg.batch}, "

@@ -2,7 +2,9 @@
 
 Reads `<out>/features.zarr` (never runs the frozen backbone) and `<out>/mine/<mined>/`; writes
 `<out>/train/<run>/`: manifest.json (identity), config.json (resolved config), metrics.jsonl
-(one line per step) and last.pt (atomic; keys documented in pipeline/model.py).
+(one line per step) and last.pt (atomic, sha256 in last.pt.sha256; keys in pipeline/model.py).
+One writer per run directory (lock `<run>/.lock`); inputs are checked for NaN/Inf per batch and
+training stops at the first non-finite loss or gradient, before the weights change.
 
 Epoch e trains on the batches of mined plan e % n_plans, in batch order. Step = one shard:
 tokens of its crops -> code, z; Eq. 8 on z with the shard's sets; linear-probe cross-entropy
@@ -15,26 +17,34 @@ from __future__ import annotations
 import io
 import json
 import logging
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline import config as C
-from pipeline.executor import StageInterrupted
+from pipeline.config import TrainConfig, config_hash, to_dict
+from pipeline.executor import StageInterrupted, timed
 from pipeline.featstore import FeatureStore, take_rows
+from pipeline.integrity import NonFinite, clean_orphans, disk_guard, hold_lock, releases_locks, write_checked
 from pipeline.loss import ppap_loss
-from pipeline.model import CKPT_FORMAT, build_model
+from pipeline.model import CKPT_FORMAT, build_model, read_checkpoint
+from pipeline.probes import code_stats, spherical_kmeans
+from pipeline.selection import Holdout, best_choice, labelfree_choice
 from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version, read_json
 
 log = logging.getLogger("ppap.train")
 
 # Settings that do not change the trained weights: a rerun may change them freely.
-_NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "device")
+_NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "device", "holdout",
+                 "collapse_ratio")
+CLUSTER_INIT_ROWS = 50_000  # patches for the k-means initialisation of the cluster probe
+_TAG_CLUSTER_INIT = 0x434C4900  # "CLI": sampling stream of that initialisation
+_SELECT_KEYS = ("cluster_miou", "linear_miou", "erank", "top3_share", "mean_cos", "train_loss")
 
 # Max relative L2 error and min cosine between cached feats and the branch's initial code.
 # fp16 storage of tokens and feats gives ~3e-4 (DINOv2 ViT-S on CamVid, tiny random ViT);
@@ -55,6 +65,8 @@ class MinedRun:
     dir: Path
     fingerprint: str  # hash of its manifest identity
     plans: list[list[Path]]  # shard paths per batch plan, in batch order
+    holdout: float = 0.0  # fraction of source images the mining kept out
+    holdout_crops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_plans(self) -> int:
@@ -83,12 +95,16 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
         )
     n_plans = int(shards.n_epochs(mine_dir))
     want_plans = want_batches = None
+    holdout, held = 0.0, np.zeros(0, np.int64)
     if (mine_dir / "config.json").is_file():  # what the mine stage was asked to produce
         mcfg = read_json(mine_dir / "config.json")
         g = store.split("train")
-        n_items = int(np.count_nonzero(g["valid"][:])) if "valid" in g else store.n("train")
+        holdout = float(mcfg.get("holdout", 0.0))
+        valid = g["valid"][:] if "valid" in g else np.ones(store.n("train"), np.uint8)
+        index = g["image_index"][:] if "image_index" in g else np.arange(store.n("train"))
+        items, held = batching.holdout_split(int(mcfg["seed"]), index, valid, holdout)
         want_plans = int(mcfg["epochs"])
-        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, n_items,
+        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, len(items),
                                                int(mcfg["batch_size"])))
     if n_plans == 0 or (want_plans is not None and n_plans < want_plans):
         raise ValueError(f"mining in {mine_dir} is unfinished ({n_plans} of "
@@ -102,7 +118,7 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
             raise ValueError(f"mining in {mine_dir} is unfinished (plan {e} has {len(paths)} of "
                              f"{n} batches, or a gap); {rerun}")
         plans.append(paths)
-    return MinedRun(mine_dir, C.config_hash(identity), plans)
+    return MinedRun(mine_dir, config_hash(identity), plans, holdout, held)
 
 
 def load_frozen_backbone(manifest: dict[str, Any]):
@@ -148,9 +164,10 @@ def check_reproduces_cache(branch, store: FeatureStore,
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save atomically, with the file's sha256 in `<path>.sha256` (verified on load)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -167,6 +184,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
+def _resume_point(ckpt_path: Path) -> str:
+    """Where a rerun resumes: the step of the checkpoint on disk, or step 0 when there is none."""
+    if not ckpt_path.is_file():
+        return f"no checkpoint was written yet ({ckpt_path} does not exist), so it starts at step 0"
+    try:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"]
+        return f"it resumes from the checkpoint {ckpt_path} at step {step}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return f"it resumes from the last checkpoint {ckpt_path}"
+
+
 def _last_metric(path: Path, key: str):
     if not path.exists():
         return None
@@ -174,29 +202,38 @@ def _last_metric(path: Path, key: str):
     return json.loads(lines[-1]).get(key) if lines else None
 
 
-def _device(cfg: C.TrainConfig) -> torch.device:
+def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available; use --device cpu")
     return torch.device(cfg.device)
 
 
-def make_optimisers(branch, linear, cluster, cfg: C.TrainConfig):
+class Optimisers(NamedTuple):
+    """What `make_optimisers` returns (unpacks as `net, linear, cluster`)."""
+
+    net: torch.optim.Optimizer  # the branch (block copy + head)
+    linear: torch.optim.Optimizer | None  # None without a linear probe
+    cluster: torch.optim.Optimizer
+
+
+def make_optimisers(branch, linear, cluster, cfg: TrainConfig) -> Optimisers:
     """(net, linear probe or None, cluster probe) optimisers as configured."""
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt_net = opt_cls(branch.net_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_lin = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr) if linear is not None else None
-    return opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr)
+    return Optimisers(opt_net, opt_lin, torch.optim.Adam(cluster.parameters(), lr=cfg.cluster_lr))
 
 
 @torch.enable_grad()  # callers (or an earlier stage in this process) may have disabled it
 def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, anchors, sets,
-               cfg: C.TrainConfig, amp: bool = False) -> dict[str, Any]:
-    """One optimisation step on one batch; returns its losses and set sizes.
+               cfg: TrainConfig, amp: bool = False) -> dict[str, Any]:
+    """One optimisation step on one batch; returns its losses, set sizes and code statistics.
 
     models = (branch, linear or None, cluster), opts = their optimisers (same order); `tokens`
     (B, 1+h*w, D) float32 mid tokens; `labels` (B, S, S) int64 or None; `anchors`/`sets`: the
     shard's anchor rows and recovered CSR sets. Probes learn from code.detach() only; the
-    gradient norm of the network is clipped to cfg.grad_clip.
+    gradient norm of the network is clipped to cfg.grad_clip. `erank`/`top3_share`/`mean_cos`
+    describe the batch's code before the update (pipeline.probes.code_stats).
     """
     branch, linear, cluster = models
     with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
@@ -204,19 +241,28 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
     loss, stats = ppap_loss(
         z, anchors, sets.pos_indptr, sets.pos_indices, sets.amb_indptr, sets.amb_indices,
         tau=cfg.tau, parity_factor=cfg.parity_factor, chunk=cfg.anchor_chunk,
+        amb_weight=cfg.amb_weight,
     )
     feats = code.detach().float()
     lin_loss = linear.loss(feats, labels) if linear is not None and labels is not None else None
     clu_loss = cluster.loss(feats)
     total = loss + clu_loss + (lin_loss if lin_loss is not None else 0.0)
+    if not bool(torch.isfinite(total.detach())):
+        parts = {"contrastive": loss, "linear probe": lin_loss, "cluster probe": clu_loss}
+        raise NonFinite("non-finite loss (" + ", ".join(
+            f"{k} {float(v.detach()):.4g}" for k, v in parts.items() if v is not None) + ")")
     for opt in opts:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(branch.net_parameters(), cfg.grad_clip)
+    if not bool(torch.isfinite(grad_norm)):
+        raise NonFinite(f"non-finite gradient norm ({float(grad_norm):.4g}) with a finite loss "
+                        f"{float(total.detach()):.4g}")
     for opt in opts:
         if opt is not None:
             opt.step()
+    cstats = code_stats(feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]))
     return {
         "loss": float(loss.detach()),
         "linear_loss": float(lin_loss.detach()) if lin_loss is not None else None,
@@ -224,17 +270,92 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
         "grad_norm": float(grad_norm),
         "mean_pos": stats.mean_pos, "mean_neg": stats.mean_neg, "mean_amb": stats.mean_amb,
         "anchors_used": stats.anchors_used,
+        **cstats.as_dict(),
     }
 
 
-def run(cfg: C.TrainConfig) -> dict[str, Any]:
+def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: int) -> int:
+    """Centroids <- spherical k-means of the frozen training code (= the branch's initial code)
+    on a seeded sample of at most CLUSTER_INIT_ROWS patches of `crops`; returns rows used."""
+    from pipeline.batching import sample_patches
+    from pipeline.featstore import normalise
+
+    h, w = store.grid("train")
+    n = min(CLUSTER_INIT_ROWS, len(crops) * h * w)
+    imgs, patches = sample_patches(seed, len(crops), h * w, n, tag=_TAG_CLUSTER_INIT)
+    feats = store.split("train")["feats"]
+    uniq, inv = np.unique(crops[imgs], return_inverse=True)
+    rows = normalise(feats.get_orthogonal_selection((uniq, slice(None), slice(None)))[inv, patches])
+    cent = spherical_kmeans(rows, cluster.n_clusters, seed)
+    with torch.no_grad():
+        cluster.centroids.copy_(torch.from_numpy(cent).to(cluster.centroids.device))
+    return n
+
+
+def _frozen_scores(out: Path, store: FeatureStore, holdout: Holdout, branch, seed: int) -> dict[str, Any]:
+    """Step-0 held-out scores: the branch equals the frozen features there, so every run on the
+    same cache, holdout and seed gets the same record; it is computed once and kept in
+    `<out>/train/.frozen-holdout/<key>.json` (a pure cache: delete it freely)."""
+    import hashlib
+
+    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2, LINEAR_MAX_ITER, LINEAR_TOL
+
+    key = hashlib.sha256(json.dumps({
+        "features": store.fingerprint, "seed": seed, "code": code_version(),
+        "crops": hashlib.sha256(np.ascontiguousarray(holdout.crops, "<i8").tobytes()).hexdigest(),
+        "probes": [LINEAR_L2, LINEAR_TOL, LINEAR_MAX_ITER, KMEANS_NITER, KMEANS_NREDO],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = out / "train" / ".frozen-holdout" / f"{key}.json"
+    if path.is_file():
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: score again and overwrite it
+    scores = holdout.score(branch, seed)
+    atomic_write_json(path, scores)
+    return scores
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    with disk_guard(path), open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def _check_shard_markers(mined: MinedRun) -> None:
+    """Refuse shards without a checksum (older ppap-pipe) before any training (markers only)."""
+    from pipeline import shards
+
+    for plan in mined.plans:
+        for p in plan:
+            if shards.read_marker(p).get("sha256") is None:
+                raise ValueError(f"{p} was mined by an older ppap-pipe and has no checksum; "
+                                 f"{shards.remine_hint(p)}")
+
+
+@releases_locks
+def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) `<out>/train/<run>/`; returns a summary dict."""
     from pipeline import shards
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
     store = FeatureStore(out)
+    store.split("train")  # refuses an unfinished or damaged cache first
     mined = mined_run(out, cfg.mined, store)
+    if cfg.holdout is not None and abs(cfg.holdout - mined.holdout) > 1e-12:
+        raise ValueError(
+            f"holdout={cfg.holdout}, but the mined sets {mined.dir} keep out holdout="
+            f"{mined.holdout} of the training images; the holdout is fixed when mining (it decides "
+            f"which crops form the batches): mine again with `ppap-pipe mine --holdout {cfg.holdout}"
+            f" --name NAME` and train on that, or drop --holdout"
+        )
+    _check_shard_markers(mined)
     n_plans = mined.n_plans
     run_dir = out / "train" / cfg.run_name
     dev = _device(cfg)
@@ -254,10 +375,29 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     log.info("train: branch reproduces the cache (rel err %.2g, min cos %.5f)", repro["rel_err"],
              repro["min_cos"])
 
-    cfg_dict = C.to_dict(cfg)
+    # selection on the held-out training images (never on the evaluation split)
+    holdout = None
+    select_metric = cfg.select_metric
+    if cfg.select_every > 0:
+        if len(mined.holdout_crops) == 0:
+            log.warning("train: the mined sets %s keep no held-out images (mined with holdout=%s), "
+                        "so there is no selection and no best.pt; mine with --holdout 0.1 to get "
+                        "them", mined.dir, mined.holdout)
+        else:
+            holdout = Holdout.load(store, mined.holdout_crops)
+            if holdout.patch_labels is None and select_metric != "labelfree":
+                log.info("train: the cache has no labels; selecting with the label-free rule")
+                select_metric = "labelfree"
+            log.info("train: selection every %d steps on %d held-out crops of %d source images "
+                     "(metric %s)", cfg.select_every, len(holdout.crops), holdout.n_images,
+                     select_metric)
+
+    cfg_dict = to_dict(cfg)
     identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
-                    mined_plans=[len(p) for p in mined.plans])
+                    mined_plans=[len(p) for p in mined.plans], holdout=mined.holdout)
+    hold_lock(run_dir, "training run")
+    clean_orphans(run_dir)
     check_or_write_manifest(run_dir / "manifest.json", identity, what="training run")
     atomic_write_json(run_dir / "config.json", cfg_dict)
 
@@ -274,9 +414,12 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     }
     ckpt_path = run_dir / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
+    select_path = run_dir / "selection.jsonl"
     step, epoch, batch, finished = 0, 0, 0, False
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        ck = read_checkpoint(ckpt_path, map_location=dev, fix=(
+            f"delete {ckpt_path} and {ckpt_path.name}.sha256 to train {run_dir.name} again from "
+            "step 0, or restore the file"))
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{ckpt_path} is not a {CKPT_FORMAT} checkpoint; delete {run_dir} "
                              "to start again")
@@ -290,9 +433,16 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
         step, epoch, batch, finished = ck["step"], ck["epoch"], ck["batch"], ck["finished"]
         log.info("train: resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step,
                  epoch, batch)
+    else:
+        train_crops = np.setdiff1d(
+            np.flatnonzero(store.split("train")["valid"][:]), mined.holdout_crops)
+        with timed("train: cluster probe <- spherical k-means of the initial code", log):
+            init_cluster_probe(cluster, store, train_crops, cfg.seed)
     _truncate_metrics(metrics_path, step)
+    _truncate_metrics(select_path, step)
+    records = _read_jsonl(select_path)
 
-    def save(finished_now: bool) -> None:
+    def save(path: Path, finished_now: bool, selection: dict[str, Any] | None = None) -> None:
         _atomic_torch_save({
             "format": CKPT_FORMAT,
             "branch": branch.state_dict(),
@@ -304,8 +454,47 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
             "step": step, "epoch": epoch, "batch": batch, "finished": finished_now,
             "config": cfg_dict, "model": meta,
             "features_fingerprint": store.fingerprint, "mined_fingerprint": mined.fingerprint,
-            "code_version": version,
-        }, ckpt_path)
+            "code_version": version, "selection": selection,
+        }, path)
+
+    recent_losses: list[float] = []
+    warned = {"collapse": False}
+
+    def select_point(finished_now: bool) -> None:
+        """Score the held-out images now; keep best.pt / labelfree.pt; record the point."""
+        if holdout is None or (records and records[-1]["step"] == step):
+            return
+        t0 = time.perf_counter()
+        scores = (_frozen_scores(out, store, holdout, branch, cfg.seed) if step == 0
+                  else holdout.score(branch, cfg.seed))
+        rec = {"step": step, "epoch": epoch, "batch": batch, **scores,
+               "train_loss": (round(float(np.mean(recent_losses)), 5) if recent_losses else None)}
+        rec["erank_ratio"] = round(rec["erank"] / records[0]["erank"], 4) if records else 1.0
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        recent_losses.clear()
+        records.append(rec)
+        if records and rec["erank_ratio"] < cfg.collapse_ratio:
+            log.warning("train: held-out code is collapsing at step %d: effective rank %.2f is "
+                        "%.0f%% of the frozen %.2f (top-3 PCs hold %.0f%% of the variance); lower "
+                        "--lr, lower --tau, or select an earlier checkpoint", step, rec["erank"],
+                        100 * rec["erank_ratio"], records[0]["erank"], 100 * rec["top3_share"])
+        best_i = (labelfree_choice(records, cfg.rank_floor) if select_metric == "labelfree"
+                  else best_choice(records, select_metric))
+        lf_i = labelfree_choice(records, cfg.rank_floor)
+        rec["is_best"] = best_i == len(records) - 1
+        rec["is_labelfree"] = lf_i == len(records) - 1
+        where = {"holdout": mined.holdout, "holdout_crops": int(len(holdout.crops)),
+                 "holdout_images": holdout.n_images}
+        if rec["is_best"]:
+            save(run_dir / "best.pt", finished_now, {**rec, **where, "metric": select_metric})
+        if rec["is_labelfree"]:
+            save(run_dir / "labelfree.pt", finished_now,
+                 {**rec, **where, "metric": "labelfree", "rank_floor": cfg.rank_floor})
+        _append_jsonl(select_path, rec)
+        shown = {k: rec[k] for k in ("cluster_miou", "linear_miou", "erank") if k in rec}
+        log.info("train: held-out at step %d: %s%s", step,
+                 " ".join(f"{k} {v:.2f}" for k, v in shown.items()),
+                 " (best so far)" if rec["is_best"] else "")
 
     plans = mined.plans
     total = sum(len(plans[e % n_plans]) for e in range(cfg.epochs))
@@ -316,9 +505,12 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
     amp = cfg.amp and dev.type == "cuda"
     branch.train()
 
-    from tqdm import tqdm
+    from pipeline.executor import progress
 
-    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", dynamic_ncols=True)
+    if step == 0 and holdout is not None:
+        with timed("train: scoring the frozen features on the held-out images (step 0)", log):
+            select_point(False)
+    bar = progress(total=total, initial=min(step, total), desc="train", unit="step")
     last_loss = None
     t_loop = time.perf_counter()
     steps_here = 0
@@ -331,40 +523,63 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 shard = shards.read_shard(paths[batch])
                 images = np.asarray(shard.images, dtype=np.int64)
-                tokens = torch.from_numpy(_gather(tokens_arr, images).astype(np.float32)).to(dev)
+                tok = _gather(tokens_arr, images)
+                store.require_finite("train", "tokens", images, tok)
+                tokens = torch.from_numpy(tok.astype(np.float32)).to(dev)
                 labels = (torch.from_numpy(_gather(labels_arr, images).astype(np.int64)).to(dev)
                           if linear is not None else None)
-                sets = shards.recover_sets(shard, store.mining_features(images))
-                res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                F = store.mining_features(images)
+                sets = shards.recover_sets(shard, F)
+                try:
+                    res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
+                except NonFinite as exc:
+                    raise NonFinite(
+                        f"training stopped at step {step + 1} (epoch {epoch}, batch {batch}, shard "
+                        f"{paths[batch]}): {exc}. The weights were not updated; {_resume_point(ckpt_path)}"
+                        ". Lower --lr (or raise --tau), or check that shard's crops") from None
+                frozen = code_stats(F)
+                res["erank_frozen"] = round(frozen.erank, 4)
                 step += 1
                 batch += 1
                 steps_here += 1
                 last_loss = res["loss"]
+                recent_losses.append(last_loss)
                 rec = {"step": step, "epoch": epoch, "batch": batch - 1, "plan": epoch % n_plans,
                        **res, "time": round(time.perf_counter() - t0, 4),
                        "elapsed": round(time.perf_counter() - t_start, 3)}
-                with open(metrics_path, "a") as fh:
+                with disk_guard(metrics_path), open(metrics_path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                if res["erank"] < cfg.collapse_ratio * frozen.erank and not warned["collapse"]:
+                    warned["collapse"] = True
+                    log.warning("train: code is collapsing at step %d: effective rank %.2f vs "
+                                "%.2f for the frozen features of the same batch (top-3 PCs hold "
+                                "%.0f%% of the variance); lower --lr or --tau", step, res["erank"],
+                                frozen.erank, 100 * res["top3_share"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", P=f"{res['mean_pos']:.0f}",
-                                N=f"{res['mean_neg']:.0f}",
+                                rank=f"{res['erank']:.1f}",
                                 sps=f"{steps_here / (time.perf_counter() - t_loop):.2f}")
-                if step % cfg.ckpt_every == 0 and batch < len(paths):
-                    save(False)
+                at_select = holdout is not None and step % cfg.select_every == 0
+                if at_select:
+                    select_point(False)
+                if (step % cfg.ckpt_every == 0 or at_select) and batch < len(paths):
+                    save(ckpt_path, False)
             if batch < len(paths):  # stopped by max_steps inside the epoch
                 break
             epoch, batch = epoch + 1, 0
             finished = epoch >= cfg.epochs
-            save(finished)
+            if finished:
+                select_point(True)
+            save(ckpt_path, finished)
             log.info("train: epoch %d done at step %d (loss %.4f)", epoch - 1, step,
                      last_loss if last_loss is not None else float("nan"))
         if not finished:
-            save(False)
+            select_point(False)
+            save(ckpt_path, False)
     except KeyboardInterrupt:
         raise StageInterrupted(
-            f"training interrupted at step {step}; rerun the same command to resume from the last "
-            f"checkpoint {ckpt_path}"
-        ) from None
+            f"training interrupted at step {step}; rerun the same command to resume: "
+            f"{_resume_point(ckpt_path)}") from None
     finally:
         bar.close()
     if last_loss is None:  # nothing trained in this call: report the last recorded loss
@@ -375,5 +590,19 @@ def run(cfg: C.TrainConfig) -> dict[str, Any]:
         "steps_this_run": steps_here, "epoch": epoch, "batch": batch, "finished": finished,
         "final_loss": last_loss, "seconds": round(time.perf_counter() - t_start, 2),
     }
+    if records:
+        bi = (labelfree_choice(records, cfg.rank_floor) if select_metric == "labelfree"
+              else best_choice(records, select_metric))
+        li = labelfree_choice(records, cfg.rank_floor)
+        summary["selection"] = {
+            "metric": select_metric, "points": len(records), "holdout": mined.holdout,
+            "holdout_crops": int(len(holdout.crops)), "holdout_images": holdout.n_images,
+            "best_step": records[bi]["step"] if bi is not None else None,
+            "best": {k: records[bi].get(k) for k in _SELECT_KEYS} if bi is not None else None,
+            "labelfree_step": records[li]["step"] if li is not None else None,
+            "labelfree": {k: records[li].get(k) for k in _SELECT_KEYS} if li is not None else None,
+            "frozen": {k: records[0].get(k) for k in _SELECT_KEYS},
+        }
+        atomic_write_json(run_dir / "selection.json", summary["selection"])
     log.info("train: %s", json.dumps(summary))
     return summary

@@ -1,4 +1,4 @@
-"""Audit of mined sets (ALGORITHM.md §8): hand-computed numbers, exact aggregation, Fig. 1b,
+"""Audit of mined sets (docs/method.md §8): hand-computed numbers, exact aggregation, Fig. 1b,
 sweep parsing, and the audit/show stages on a synthetic store with real shards."""
 
 from __future__ import annotations
@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import audit as A
-from pipeline import config as C
-from pipeline.featstore import FeatureStore, create_split
+from pipeline.audit import (
+    AnchorStats, batch_stats, concat, fig1b_curve, format_table, parse_sweep, parse_sweep_spec,
+    sample_positions, subset_batch, summarise, sweep_points,
+)
+from pipeline.config import AuditConfig, MineConfig, ShowConfig
+from pipeline.featstore import FeatureStore
+
+from conftest import SplitSpec
 
 # ---------------------------------------------------------------------------------------------
 # A hand-computable batch: 2 images x 4 patches = 8 rows.
@@ -37,7 +42,7 @@ def hand_batch() -> dict:
 
 
 def test_hand_example_counts():
-    s = A.batch_stats(hand_batch())
+    s = batch_stats(hand_batch())
     assert s.n_skipped == 1  # anchor row 3 is ignore-labelled
     np.testing.assert_array_equal(s.label, [0, 1])
     # anchor 0: labelled P = {1,2,4} (3 dropped as ignore) -> 3; TP = {1,4} -> 2
@@ -57,7 +62,7 @@ def test_hand_example_counts():
 
 
 def test_hand_example_summary():
-    r = A.summarise(A.batch_stats(hand_batch()), num_classes=2, class_names=["road", "sky"])
+    r = summarise(batch_stats(hand_batch()), num_classes=2, class_names=["road", "sky"])
     assert r["n_anchors"] == 2 and r["n_skipped"] == 1
     assert r["n_pos"] == pytest.approx(1.5)  # (3 + 0) / 2
     assert r["tp_in_p"] == pytest.approx(200 / 3)  # only anchor 0 has positives: 2/3
@@ -86,7 +91,7 @@ def test_self_in_sets_is_ignored():
     # put the anchor itself (row 0) into its own P: must not change anything
     b["pos_indptr"] = np.array([0, 5, 7, 7])
     b["pos_indices"] = np.array([0, 1, 2, 3, 4, 0, 1])
-    s = A.batch_stats(b)
+    s = batch_stats(b)
     np.testing.assert_array_equal(s.n_pos, [3, 0])
     np.testing.assert_array_equal(s.n_neg, [2, 4])
 
@@ -103,8 +108,8 @@ def second_batch() -> dict:
 
 
 def test_aggregation_over_two_batches_is_exact():
-    s = A.concat([A.batch_stats(hand_batch()), A.batch_stats(second_batch())])
-    r = A.summarise(s, num_classes=3)
+    s = concat([batch_stats(hand_batch()), batch_stats(second_batch())])
+    r = summarise(s, num_classes=3)
     assert r["n_anchors"] == 3 and r["n_skipped"] == 1
     assert r["n_pos"] == pytest.approx(4 / 3)  # (3 + 0 + 1) / 3 anchors
     assert r["tp_in_p"] == pytest.approx(100 * (2 / 3 + 1) / 2)  # per anchor with |P| > 0
@@ -117,16 +122,16 @@ def test_aggregation_over_two_batches_is_exact():
     assert [c["n_anchors"] for c in r["per_class"]] == [1, 1, 1]
     assert r["per_class"][2]["precision"] == pytest.approx(100.0)
     # per-anchor means over all anchors of all batches, whatever the batch split
-    one = A.summarise(A.concat([A.batch_stats(hand_batch())]), num_classes=3)
+    one = summarise(concat([batch_stats(hand_batch())]), num_classes=3)
     assert one["tp_in_p_pooled"] != r["tp_in_p_pooled"]
 
 
 def test_fig1b_curve_tiny():
     # 4 anchors: |P| = [5, 0, 2, 2], TP = [4, 0, 1, 2]; sorted by |P| (stable): 1, 2, 3, 0
     z = np.zeros(4, np.int64)
-    s = A.AnchorStats(label=z, n_pos=np.array([5, 0, 2, 2]), n_tp=np.array([4, 0, 1, 2]),
-                      n_amb=z, n_amb_same=z, n_neg=z, n_fn=z, n_same=z)
-    c = A.fig1b_curve(s, qs=(25, 50, 75, 100))
+    s = AnchorStats(label=z, n_pos=np.array([5, 0, 2, 2]), n_tp=np.array([4, 0, 1, 2]),
+                    n_amb=z, n_amb_same=z, n_neg=z, n_fn=z, n_same=z)
+    c = fig1b_curve(s, qs=(25, 50, 75, 100))
     assert c["n_anchors"] == [1, 2, 3, 4]
     assert c["mean_pos"] == pytest.approx([0.0, 1.0, 4 / 3, 9 / 4])
     # q=25: only the |P|=0 anchor -> undefined; q=50: [1/2]; q=75: mean(1/2, 2/2);
@@ -136,10 +141,10 @@ def test_fig1b_curve_tiny():
     assert c["precision_pooled"][0] is None
     assert c["precision_pooled"][1:] == pytest.approx([50.0, 75.0, 700 / 9])  # 1/2, 3/4, 7/9
     # default quantiles 5..100; ceil(5% of 4) = 1 anchor
-    d = A.fig1b_curve(s)
+    d = fig1b_curve(s)
     assert d["q"] == list(range(5, 101, 5)) and d["n_anchors"][0] == 1 and d["n_anchors"][-1] == 4
     with pytest.raises(ValueError, match="q=0"):
-        A.fig1b_curve(s, qs=(0,))
+        fig1b_curve(s, qs=(0,))
 
 
 def _brute_force(b: dict) -> dict:
@@ -184,7 +189,7 @@ def test_vectorised_counts_match_brute_force():
     rng = np.random.default_rng(3)
     for _ in range(3):
         b = _random_batch(rng, n=120, m=25, k=4)
-        s = A.batch_stats(b)
+        s = batch_stats(b)
         ref = _brute_force(b)
         for key, val in ref.items():
             np.testing.assert_array_equal(getattr(s, key), val, err_msg=key)
@@ -192,43 +197,43 @@ def test_vectorised_counts_match_brute_force():
 
 def test_select_rows_and_subset():
     b = hand_batch()
-    sub = A.subset_batch(b, np.array([2, 0]))
+    sub = subset_batch(b, np.array([2, 0]))
     np.testing.assert_array_equal(sub["anchors"], [5, 0])
     np.testing.assert_array_equal(sub["pos_indptr"], [0, 0, 4])
     np.testing.assert_array_equal(sub["pos_indices"], [1, 2, 3, 4])
     np.testing.assert_array_equal(sub["amb_indptr"], [0, 3, 4])
     np.testing.assert_array_equal(sub["amb_indices"], [2, 3, 6, 6])
     rng = np.random.default_rng(0)
-    pos = A.sample_positions(10, 4, rng)
+    pos = sample_positions(10, 4, rng)
     assert len(pos) == 4 and np.all(np.diff(pos) > 0)
-    np.testing.assert_array_equal(A.sample_positions(3, 4, rng), [0, 1, 2])
-    np.testing.assert_array_equal(A.sample_positions(3, None, rng), [0, 1, 2])
+    np.testing.assert_array_equal(sample_positions(3, 4, rng), [0, 1, 2])
+    np.testing.assert_array_equal(sample_positions(3, None, rng), [0, 1, 2])
 
 
 def test_bad_inputs_raise():
     b = hand_batch()
     b["pos_indptr"] = np.array([0, 4, 6])
     with pytest.raises(ValueError, match="pos_indptr"):
-        A.batch_stats(b)
+        batch_stats(b)
     b = hand_batch()
     b["pos_indices"] = np.array([1, 2, 3, 40, 0, 1])
     with pytest.raises(ValueError, match="same batch"):
-        A.batch_stats(b)
+        batch_stats(b)
     with pytest.raises(ValueError, match="patch_label"):
-        A.batch_stats({k: v for k, v in hand_batch().items() if k != "patch_label"})
+        batch_stats({k: v for k, v in hand_batch().items() if k != "patch_label"})
 
 
 # --------------------------------------------------------------------------------------------- sweep
 
 
 def test_parse_sweep_ranges_and_lists():
-    assert A.parse_sweep_spec("phi0=0.45:0.65:0.05") == ("phi0", [0.45, 0.5, 0.55, 0.6, 0.65])
-    assert A.parse_sweep_spec("psi0=0.1:0.3:0.05") == ("psi0", [0.1, 0.15, 0.2, 0.25, 0.3])
-    assert A.parse_sweep_spec("sigma_amb=2,4, 3") == ("sigma_amb", [2.0, 3.0, 4.0])
-    assert A.parse_sweep_spec("prop_iters=0:3:1") == ("prop_iters", [0, 1, 2, 3])
-    assert A.parse_sweep_spec("phi0=0.9:0.95:0.1") == ("phi0", [0.9])
-    grid = A.parse_sweep(["phi0=0.5,0.6", "psi0=0.1:0.2:0.1"])
-    assert A.sweep_points(grid) == [
+    assert parse_sweep_spec("phi0=0.45:0.65:0.05") == ("phi0", [0.45, 0.5, 0.55, 0.6, 0.65])
+    assert parse_sweep_spec("psi0=0.1:0.3:0.05") == ("psi0", [0.1, 0.15, 0.2, 0.25, 0.3])
+    assert parse_sweep_spec("sigma_amb=2,4, 3") == ("sigma_amb", [2.0, 3.0, 4.0])
+    assert parse_sweep_spec("prop_iters=0:3:1") == ("prop_iters", [0, 1, 2, 3])
+    assert parse_sweep_spec("phi0=0.9:0.95:0.1") == ("phi0", [0.9])
+    grid = parse_sweep(["phi0=0.5,0.6", "psi0=0.1:0.2:0.1"])
+    assert sweep_points(grid) == [
         {"phi0": 0.5, "psi0": 0.1}, {"phi0": 0.5, "psi0": 0.2},
         {"phi0": 0.6, "psi0": 0.1}, {"phi0": 0.6, "psi0": 0.2},
     ]
@@ -246,17 +251,17 @@ def test_parse_sweep_ranges_and_lists():
 ])
 def test_parse_sweep_errors(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        A.parse_sweep_spec(spec)
+        parse_sweep_spec(spec)
 
 
 def test_parse_sweep_duplicate_name():
     with pytest.raises(ValueError, match="twice"):
-        A.parse_sweep(["phi0=0.5", "phi0=0.6"])
+        parse_sweep(["phi0=0.5", "phi0=0.6"])
 
 
 def test_format_table():
-    r = A.summarise(A.batch_stats(hand_batch()), num_classes=2)
-    text = A.format_table([{**r, "name": "ppap"}])
+    r = summarise(batch_stats(hand_batch()), num_classes=2)
+    text = format_table([{**r, "name": "ppap"}])
     assert "%FP in N" in text and "ppap" in text and "1 (50.0%)" in text
 
 
@@ -270,51 +275,47 @@ SIDE = GRID * PATCH
 CLASS_NAMES = ["red", "green", "blue"]
 
 
-def make_store(out, labelled: bool = True, seed: int = 0) -> np.ndarray:
+def make_store(fake_cache, out, labelled: bool = True, seed: int = 0) -> np.ndarray:
     """Features = class prototype + noise; returns the (n, h, w) patch labels (-1 = ignore)."""
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(K, DIM))
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    root = zarr.open_group(str(out / "features.zarr"), mode="w", zarr_format=3)
-    g = create_split(root, "train", N_CROPS, n_tokens=1 + GRID * GRID, dim=DIM, grid=(GRID, GRID),
-                     side=SIDE, labelled=labelled, chunk=4)
     pl = rng.integers(0, K, size=(N_CROPS, GRID, GRID))
     truth = pl.copy()
     pl[rng.random(pl.shape) < 0.15] = -1  # some mostly-ignore patches (their features keep a class)
     feats = protos[truth] + 0.2 * rng.normal(size=truth.shape + (DIM,))
-    g["feats"][:] = feats.reshape(N_CROPS, GRID * GRID, DIM).astype(np.float16)
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
     rgb = colours[truth].repeat(PATCH, 1).repeat(PATCH, 2) + rng.integers(0, 40, (N_CROPS, SIDE, SIDE, 3))
-    g["rgb"][:] = np.clip(rgb, 0, 255).astype(np.uint8)
-    g["image_index"][:] = np.arange(N_CROPS) // 5
-    g["valid"][:] = 1
-    if labelled:
-        g["patch_labels"][:] = pl.astype(np.int16)
-        g["labels"][:] = pl.repeat(PATCH, 1).repeat(PATCH, 2).astype(np.int16)
-    root.attrs["manifest"] = {
-        "dataset": "synthetic", "backbone": "none", "patch_size": PATCH, "embed_dim": DIM,
-        "num_classes": K, "class_names": CLASS_NAMES, "has_labels": labelled,
-        "train_size": SIDE, "eval_size": SIDE, "grid_train": [GRID, GRID], "grid_eval": [GRID, GRID],
-        "fingerprint": f"synthetic{seed}{labelled}",
-    }
+
+    def fill(split, g, spec):
+        g["feats"][:] = feats.reshape(N_CROPS, GRID * GRID, DIM).astype(np.float16)
+        g["rgb"][:] = np.clip(rgb, 0, 255).astype(np.uint8)
+        g["image_index"][:] = np.arange(N_CROPS) // 5
+        if labelled:
+            g["patch_labels"][:] = pl.astype(np.int16)
+            g["labels"][:] = pl.repeat(PATCH, 1).repeat(PATCH, 2).astype(np.int16)
+
+    fake_cache(out, dim=DIM, patch=PATCH, num_classes=K, train=SplitSpec(N_CROPS, GRID, chunk=4),
+               labelled=labelled, fill=fill, class_names=CLASS_NAMES,
+               fingerprint=f"synthetic{seed}{labelled}", backbone="none")
     return pl
 
 
-def mine_run(out, name: str, criterion: str = "ppap", **kw) -> C.MineConfig:
+def mine_run(out, name: str, criterion: str = "ppap", **kw) -> MineConfig:
     """Mine epoch 0 with the real mine stage (3 batches of 4 crops, 4 anchors per crop)."""
     from stages import mine
 
     args = dict(phi0=0.8, psi0=0.5, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, batch_size=4,
                 anchors_per_image="1/4", epochs=1, seed=0, hp_pool_size=8)
-    cfg = C.MineConfig(out=str(out), name=name, criterion=criterion, **{**args, **kw})
+    cfg = MineConfig(out=str(out), name=name, criterion=criterion, **{**args, **kw})
     mine.run(cfg)
     return cfg
 
 
 @pytest.fixture(scope="module")
-def mined_store(tmp_path_factory):
+def mined_store(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("auditstore")
-    pl = make_store(out)
+    pl = make_store(fake_cache, out)
     mine_run(out, "ppap")
     mine_run(out, "p0", criterion="p0")
     mine_run(out, "hp", criterion="hp")
@@ -332,8 +333,8 @@ def test_audit_stage_writes_table_json_and_plot(mined_store, tmp_path, capsys):
     from stages import audit as stage
 
     out, pl = mined_store
-    cfg = C.AuditConfig(out=str(out), mined=("ppap", "p0", "hp"), batches=2, max_anchors=None,
-                        json=str(tmp_path / "a.json"), plot=str(tmp_path / "f.png"))
+    cfg = AuditConfig(out=str(out), mined=("ppap", "p0", "hp"), batches=2, max_anchors=None,
+                      json=str(tmp_path / "a.json"), plot=str(tmp_path / "f.png"))
     rep = stage.run(cfg)
     text = capsys.readouterr().out
     assert "%FP in N" in text and all(n in text for n in ("ppap", "p0", "hp"))
@@ -351,12 +352,12 @@ def test_audit_stage_writes_table_json_and_plot(mined_store, tmp_path, capsys):
     assert rep["plot"] == str(tmp_path / "f.png")
 
     # oracle for p0: P = {j != i : cos > phi0} over the batch's features, brute force
-    from pipeline import shards as SH
+    from pipeline.shards import read_shard, shard_path
 
     store = FeatureStore(out)
     n_pos, n_tp, n_fn = [], [], []
     for k in (0, 1):
-        sh = SH.read_shard(SH.shard_path(out / "mine" / "p0", 0, k))
+        sh = read_shard(shard_path(out / "mine" / "p0", 0, k))
         F = store.mining_features(sh.images).astype(np.float64)
         lab = pl[sh.images].reshape(-1)
         for a in sh.anchors:
@@ -377,7 +378,7 @@ def test_audit_default_paths_and_anchor_sample(mined_store):
     from stages import audit as stage
 
     out, _ = mined_store
-    rep = stage.run(C.AuditConfig(out=str(out), mined=("ppap", "p0"), batches=3, max_anchors=5, seed=3))
+    rep = stage.run(AuditConfig(out=str(out), mined=("ppap", "p0"), batches=3, max_anchors=5, seed=3))
     assert rep["json"] == str(out / "audit" / "audit.json") and (out / "audit" / "fig1b.png").is_file()
     assert rep["anchors_audited"] == [5, 5, 5] and rep["anchors_in_batches"] == [16, 16, 16]
     # the same sampled anchors for every run
@@ -390,37 +391,37 @@ def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
 
     out, _ = mined_store
     with pytest.raises(ValueError, match="different batches/anchors.*seed"):
-        stage.run(C.AuditConfig(out=str(out), mined=("ppap", "other_seed")))
+        stage.run(AuditConfig(out=str(out), mined=("ppap", "other_seed")))
     with pytest.raises(ValueError, match="no mined sets 'nope'.*found: hp, other_seed, p0, ppap"):
-        stage.run(C.AuditConfig(out=str(out), mined=("nope",)))
+        stage.run(AuditConfig(out=str(out), mined=("nope",)))
     with pytest.raises(ValueError, match="epoch=3 does not exist"):
-        stage.run(C.AuditConfig(out=str(out), mined=("ppap",), epoch=3))
+        stage.run(AuditConfig(out=str(out), mined=("ppap",), epoch=3))
     # the mined run must come from this very cache
     root = zarr.open_group(str(out / "features.zarr"), mode="r+")
     manifest = root.attrs["manifest"]
     root.attrs["manifest"] = {**manifest, "fingerprint": "another"}
     try:
         with pytest.raises(ValueError, match="fingerprint"):
-            stage.run(C.AuditConfig(out=str(out), mined=("ppap",)))
+            stage.run(AuditConfig(out=str(out), mined=("ppap",)))
     finally:
         root.attrs["manifest"] = manifest
 
 
-def test_audit_refuses_unlabelled_cache(tmp_path):
+def test_audit_refuses_unlabelled_cache(fake_cache, tmp_path):
     from stages import audit as stage
 
-    make_store(tmp_path, labelled=False)
+    make_store(fake_cache, tmp_path, labelled=False)
     with pytest.raises(ValueError, match="no labels"):
-        stage.run(C.AuditConfig(out=str(tmp_path), mined=("ppap",)))
+        stage.run(AuditConfig(out=str(tmp_path), mined=("ppap",)))
 
 
 def test_sweep_matches_mined_run_and_skips_invalid_points(mined_store, tmp_path, capsys):
     from stages import audit as stage
 
     out, _ = mined_store
-    cfg = C.AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=7,
-                        sweep=("phi0=0.7,0.8", "psi0=0.5:0.8:0.3"), json=str(tmp_path / "s.json"),
-                        plot=str(tmp_path / "f.png"))
+    cfg = AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=7,
+                      sweep=("phi0=0.7,0.8", "psi0=0.5:0.8:0.3"), json=str(tmp_path / "s.json"),
+                      plot=str(tmp_path / "f.png"))
     rep = stage.run(cfg)
     assert "skipped 2 invalid" in capsys.readouterr().out
     assert [p["params"] for p in rep["sweep"]] == [{"phi0": 0.7, "psi0": 0.5}, {"phi0": 0.8, "psi0": 0.5}]
@@ -442,9 +443,9 @@ def test_sweep_without_mined_runs_uses_the_batch_plan(mined_store, tmp_path):
     from stages import audit as stage
 
     out, _ = mined_store
-    rep = stage.run(C.AuditConfig(out=str(out), mined=("absent",), batches=1, max_anchors=None,
-                                  sweep=("phi0=0.8",), json=str(tmp_path / "s.json"),
-                                  plot=str(tmp_path / "f.png")))
+    rep = stage.run(AuditConfig(out=str(out), mined=("absent",), batches=1, max_anchors=None,
+                                sweep=("phi0=0.8",), json=str(tmp_path / "s.json"),
+                                plot=str(tmp_path / "f.png")))
     assert rep["runs"] == [] and rep["plot"] is None
     # defaults: batch of all 12 crops (64 clamped), 1/4 of 16 patches = 4 anchors per crop
     assert rep["anchors_in_batches"] == [48] and len(rep["sweep"]) == 1
@@ -454,16 +455,16 @@ def test_sweep_without_mined_runs_uses_the_batch_plan(mined_store, tmp_path):
 def test_show_renders_expected_pngs(mined_store, tmp_path):
     from PIL import Image
 
-    from pipeline import shards as SH
+    from pipeline.shards import read_shard, recover_sets, shard_path
     from stages import show
 
     out, pl = mined_store
-    cfg = C.ShowConfig(out=str(out), mined="ppap", epoch=0, batch=1, anchors=(0, 5), random=1, seed=0,
-                       dest=str(tmp_path))
+    cfg = ShowConfig(out=str(out), mined="ppap", epoch=0, batch=1, anchors=(0, 5), random=1, seed=0,
+                     dest=str(tmp_path))
     paths = show.run(cfg)
     assert len(paths) == 3 and paths[0].name == "e0_b1_a0.png" and paths[1].name == "e0_b1_a5.png"
-    sh = SH.read_shard(SH.shard_path(out / "mine" / "ppap", 0, 1))
-    sets = SH.recover_sets(sh, FeatureStore(out).mining_features(sh.images))
+    sh = read_shard(shard_path(out / "mine" / "ppap", 0, 1))
+    sets = recover_sets(sh, FeatureStore(out).mining_features(sh.images))
     for p in paths:
         a = int(p.stem.split("_a")[1])
         shown, _, _ = show.choose_images(int(sh.anchors[a]), sets.pos(a), sets.amb(a), GRID * GRID, 4)
@@ -472,9 +473,9 @@ def test_show_renders_expected_pngs(mined_store, tmp_path):
     assert show.layout(4, True) == (1, 8, (2000, 330))  # 8 axes of 250 px; 270 px + 60 px header
     assert show.layout(5, False) == (2, 4, (1000, 600))
     with pytest.raises(ValueError, match="outside this shard"):
-        show.run(C.ShowConfig(out=str(out), mined="ppap", batch=1, anchors=(99,), dest=str(tmp_path)))
+        show.run(ShowConfig(out=str(out), mined="ppap", batch=1, anchors=(99,), dest=str(tmp_path)))
     with pytest.raises(ValueError, match="batch 9 of epoch 0 is not mined"):
-        show.run(C.ShowConfig(out=str(out), mined="ppap", batch=9, anchors=(0,), dest=str(tmp_path)))
+        show.run(ShowConfig(out=str(out), mined="ppap", batch=9, anchors=(0,), dest=str(tmp_path)))
 
 
 def test_choose_images_order():
@@ -487,14 +488,14 @@ def test_choose_images_order():
     np.testing.assert_array_equal(n_amb, [0, 0, 0, 2, 0])
 
 
-def test_sweep_base_from_matching_preset(tmp_path):
+def test_sweep_base_from_matching_preset(fake_cache, tmp_path):
     from stages import audit as stage
 
-    make_store(tmp_path)
+    make_store(fake_cache, tmp_path)
     root = zarr.open_group(str(tmp_path / "features.zarr"), mode="r+")
     root.attrs["manifest"] = {**root.attrs["manifest"], "dataset": "demo",
                               "backbone": "dinov2_vits14_offline"}
-    rep = stage.run(C.AuditConfig(out=str(tmp_path), mined=(), batches=1, sweep=("psi0=0.6",)))
+    rep = stage.run(AuditConfig(out=str(tmp_path), mined=(), batches=1, sweep=("psi0=0.6",)))
     # preset 'demo': phi0 0.95, batch 16 (clamped to the 12 crops), anchors 1/16 of 16 patches
     assert rep["sweep_base"]["phi0"] == 0.95 and rep["sweep"][0]["config"]["psi0"] == 0.6
     assert rep["anchors_in_batches"] == [12 * 1]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline import backbones as B
+from pipeline import backbones
 
 DINO_NAMES = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"]
 
@@ -34,7 +34,7 @@ def _assert_same_state(a: torch.nn.Module, b: dict[str, torch.Tensor]) -> None:
 
 def _meta(name: str) -> torch.nn.Module:
     with torch.device("meta"):
-        return B._build(B.BACKBONES[name])
+        return backbones._build(backbones.BACKBONES[name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,9 +42,9 @@ def _meta(name: str) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------
 
 def test_registry_names_and_architectures():
-    assert set(B.BACKBONES) == {*DINO_NAMES, "dinov2_vits14", "dinov2_vits14_offline",
-                                "vit_tiny_random"}
-    for name, spec in B.BACKBONES.items():
+    assert set(backbones.BACKBONES) == {*DINO_NAMES, "dinov2_vits14", "dinov2_vits14_offline",
+                                        "vit_tiny_random"}
+    for name, spec in backbones.BACKBONES.items():
         info = spec.info
         assert info.name == name
         model = _meta(name)
@@ -52,11 +52,11 @@ def test_registry_names_and_architectures():
         assert model.embed_dim == info.embed_dim and len(model.blocks) == info.num_blocks
         assert model.num_prefix_tokens == 1 and isinstance(model.norm, torch.nn.LayerNorm)
         assert len(info.mean) == 3 and len(info.std) == 3
-    sizes = {n: (B.BACKBONES[n].info.patch_size, B.BACKBONES[n].info.embed_dim) for n in DINO_NAMES}
+    sizes = {n: (backbones.BACKBONES[n].info.patch_size, backbones.BACKBONES[n].info.embed_dim) for n in DINO_NAMES}
     assert sizes == {"dino_vits16": (16, 384), "dino_vits8": (8, 384),
                      "dino_vitb16": (16, 768), "dino_vitb8": (8, 768)}
     with pytest.raises(ValueError, match="resnet50.*dino_vits16"):
-        B.load_backbone("resnet50")
+        backbones.load_backbone("resnet50")
 
 
 def test_official_key_names_match_timm():
@@ -75,14 +75,14 @@ def test_official_key_names_match_timm():
 
 
 def test_input_size():
-    info = {n: B.BACKBONES[n].info for n in ("dinov2_vits14", "dino_vits16", "dino_vits8")}
-    assert B.input_size(info["dinov2_vits14"], 320) == 322
-    assert B.input_size(info["dinov2_vits14"], 224) == 224
-    assert B.input_size(info["dino_vits16"], 320) == 320
-    assert B.input_size(info["dino_vits8"], 320) == 320
-    assert B.input_size(info["dino_vits16"], 5) == 16
+    info = {n: backbones.BACKBONES[n].info for n in ("dinov2_vits14", "dino_vits16", "dino_vits8")}
+    assert backbones.input_size(info["dinov2_vits14"], 320) == 322
+    assert backbones.input_size(info["dinov2_vits14"], 224) == 224
+    assert backbones.input_size(info["dino_vits16"], 320) == 320
+    assert backbones.input_size(info["dino_vits8"], 320) == 320
+    assert backbones.input_size(info["dino_vits16"], 5) == 16
     with pytest.raises(ValueError, match="side=0"):
-        B.input_size(info["dino_vits16"], 0)
+        backbones.input_size(info["dino_vits16"], 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def test_input_size():
 
 def test_tiny_random_is_seeded_and_leaves_global_rng_alone():
     rng_before = torch.get_rng_state()
-    a, info, fp = B.load_backbone("vit_tiny_random", seed=0)
+    a, info, fp = backbones.load_backbone("vit_tiny_random", seed=0)
     assert torch.equal(torch.get_rng_state(), rng_before)
-    b, _, _ = B.load_backbone("vit_tiny_random", seed=0)
-    c, _, fp_c = B.load_backbone("vit_tiny_random", seed=1)
+    b, _, _ = backbones.load_backbone("vit_tiny_random", seed=0)
+    c, _, fp_c = backbones.load_backbone("vit_tiny_random", seed=1)
     assert fp == "random:0" and fp_c == "random:1"
     _assert_same_state(a, _state(b))
     assert not torch.equal(a.pos_embed, c.pos_embed)
@@ -105,26 +105,26 @@ def test_tiny_random_is_seeded_and_leaves_global_rng_alone():
 
 @pytest.mark.parametrize("hw", [(64, 64), (48, 72)])
 def test_forward_tokens_matches_forward_features(hw):
-    model, info, _ = B.load_backbone("vit_tiny_random", seed=2)
+    model, info, _ = backbones.load_backbone("vit_tiny_random", seed=2)
     x = _images(3, *hw)
-    mid, feats = B.forward_tokens(model, x)
+    mid, feats = backbones.forward_tokens(model, x)
     h, w = hw[0] // info.patch_size, hw[1] // info.patch_size
     assert mid.shape == (3, 1 + h * w, info.embed_dim)
     assert feats.shape == (3, h * w, info.embed_dim)
     with torch.no_grad():
         full = model.forward_features(x)
-        again = B.feats_from_mid(model, mid)
+        again = backbones.feats_from_mid(model, mid)
     assert torch.allclose(feats, full[:, 1:], atol=1e-6, rtol=0)
     assert torch.allclose(again, feats, atol=1e-6, rtol=0)
     with torch.no_grad():  # float16 mid tokens, as cached in the feature store
-        from_f16 = B.feats_from_mid(model, mid.half())
+        from_f16 = backbones.feats_from_mid(model, mid.half())
     assert from_f16.dtype == torch.float32 and torch.allclose(from_f16, feats, atol=1e-2)
-    block, norm = B.last_block_and_norm(model)
+    block, norm = backbones.last_block_and_norm(model)
     assert block is model.blocks[-1] and norm is model.norm
 
 
 def test_pos_embed_resampled_without_antialias():
-    model, _, _ = B.load_backbone("vit_tiny_random", seed=0)
+    model, _, _ = backbones.load_backbone("vit_tiny_random", seed=0)
     pos = model.pos_embed  # 8x8 grid (img_size 64, patch 8)
     tokens = torch.zeros(1, 4, 12, 48)
     expected_grid = F.interpolate(pos[:, 1:].reshape(1, 8, 8, 48).permute(0, 3, 1, 2), size=(4, 12),
@@ -137,11 +137,11 @@ def test_pos_embed_resampled_without_antialias():
 
 
 def test_forward_tokens_rejects_bad_sizes():
-    model, _, _ = B.load_backbone("vit_tiny_random")
+    model, _, _ = backbones.load_backbone("vit_tiny_random")
     with pytest.raises(ValueError, match="60x64 is not a multiple of the patch size 8"):
-        B.forward_tokens(model, torch.zeros(1, 3, 60, 64))
+        backbones.forward_tokens(model, torch.zeros(1, 3, 60, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        B.forward_tokens(model, torch.zeros(3, 64, 64))
+        backbones.forward_tokens(model, torch.zeros(3, 64, 64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_forward_tokens_rejects_bad_sizes():
 @pytest.fixture(scope="module")
 def tiny_source() -> dict[str, torch.Tensor]:
     """Weights of a tiny model built with another seed than the ones loaded by default."""
-    model, _, _ = B.load_backbone("vit_tiny_random", seed=123)
+    model, _, _ = backbones.load_backbone("vit_tiny_random", seed=123)
     return _state(model)
 
 
@@ -161,7 +161,7 @@ def test_dino_training_checkpoint_round_trips(tmp_path, tiny_source):
     path = tmp_path / "checkpoint.pth"
     torch.save({"teacher": wrapped, "student": {}, "epoch": 7,
                 "args": argparse.Namespace(arch="vit_small", patch_size=8)}, path)
-    model, _, fp = B.load_backbone("vit_tiny_random", weights=str(path), seed=0)
+    model, _, fp = backbones.load_backbone("vit_tiny_random", weights=str(path), seed=0)
     _assert_same_state(model, tiny_source)
     assert fp.startswith("file:") and len(fp) == len("file:") + 16
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -172,18 +172,18 @@ def test_plain_state_dict_and_safetensors_round_trip(tmp_path, tiny_source):
     torch.save(tiny_source, pth)
     save_file(tiny_source, st)
     for path in (pth, st):
-        model, _, fp = B.load_backbone("vit_tiny_random", weights=str(path))
+        model, _, fp = backbones.load_backbone("vit_tiny_random", weights=str(path))
         _assert_same_state(model, tiny_source)
     x = _images(2, 32, 40)
-    a = B.forward_tokens(B.load_backbone("vit_tiny_random", weights=str(pth))[0], x)[1]
-    b = B.forward_tokens(B.load_backbone("vit_tiny_random", weights=str(st))[0], x)[1]
+    a = backbones.forward_tokens(backbones.load_backbone("vit_tiny_random", weights=str(pth))[0], x)[1]
+    b = backbones.forward_tokens(backbones.load_backbone("vit_tiny_random", weights=str(st))[0], x)[1]
     assert torch.equal(a, b)
 
 
 def test_missing_file_is_named(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(ValueError, match=f"{path}.*does not exist.*--weights"):
-        B.load_backbone("vit_tiny_random", weights=str(path))
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
 
 
 def test_wrong_keys_and_shapes_are_reported(tmp_path, tiny_source):
@@ -191,8 +191,8 @@ def test_wrong_keys_and_shapes_are_reported(tmp_path, tiny_source):
     bad["blocks.0.attn.qkv_renamed.weight"] = bad.pop("blocks.0.attn.qkv.weight")
     path = tmp_path / "renamed.pth"
     torch.save(bad, path)
-    with pytest.raises(B.BackboneWeightsError) as err:
-        B.load_backbone("vit_tiny_random", weights=str(path))
+    with pytest.raises(backbones.BackboneWeightsError) as err:
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
     msg = str(err.value)
     assert str(path) in msg and "1 missing keys" in msg and "blocks.0.attn.qkv.weight" in msg
     assert "1 unexpected keys" in msg and "qkv_renamed" in msg
@@ -201,7 +201,7 @@ def test_wrong_keys_and_shapes_are_reported(tmp_path, tiny_source):
     torch.save(bad, path)
     msg = r"renamed.pth.*1 shape mismatches.*pos_embed: file \(1, 17, 48\) vs model \(1, 65, 48\)"
     with pytest.raises(ValueError, match=msg):
-        B.load_backbone("vit_tiny_random", weights=str(path))
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
 
 
 def test_checkpoint_of_another_backbone_names_it(tmp_path):
@@ -210,7 +210,7 @@ def test_checkpoint_of_another_backbone_names_it(tmp_path):
     save_file(zeros, path)
     with pytest.raises(ValueError, match=r"vits16.safetensors does not fit backbone dino_vits8.*"
                                          r"patch_embed.proj.weight.*--backbone dino_vits16"):
-        B.load_backbone("dino_vits8", weights=str(path))
+        backbones.load_backbone("dino_vits8", weights=str(path))
 
 
 class _Payload:
@@ -232,7 +232,7 @@ def test_pickled_code_is_refused(tmp_path, tiny_source):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": tiny_source, "payload": _Payload()}, path)
     with pytest.raises(ValueError, match=f"{path}.*pickled Python objects.*_record_call.*refusing"):
-        B.load_backbone("vit_tiny_random", weights=str(path))
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
     assert _CALLS == []
 
 
@@ -240,10 +240,10 @@ def test_garbage_file_is_refused(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"not a checkpoint at all" * 10)
     with pytest.raises(ValueError, match=f"{path} could not be read as a PyTorch"):
-        B.load_backbone("vit_tiny_random", weights=str(path))
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
     path.write_bytes(b"PK\x03\x04 truncated zip")
     with pytest.raises(ValueError, match=f"{path} could not be read as a PyTorch"):
-        B.load_backbone("vit_tiny_random", weights=str(path))
+        backbones.load_backbone("vit_tiny_random", weights=str(path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,10 +258,10 @@ def test_offline_hub_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setattr(B, "_hub_reachable", _no_network)
+    monkeypatch.setattr(backbones, "_hub_reachable", _no_network)
     t0 = time.perf_counter()
     with pytest.raises(ValueError) as err:
-        B.load_backbone("dino_vits16")
+        backbones.load_backbone("dino_vits16")
     assert time.perf_counter() - t0 < 10
     msg = str(err.value)
     assert "dino_vits16" in msg and "--weights PATH" in msg and "dinov2_vits14_offline" in msg
@@ -271,9 +271,9 @@ def test_offline_hub_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
 def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(B, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="dinov2_vits14 needs weights .*not reachable.*--weights PATH"):
-        B.load_backbone("dinov2_vits14")
+        backbones.load_backbone("dinov2_vits14")
 
 
 def test_hub_cache_is_used_offline(tmp_path, monkeypatch):
@@ -289,11 +289,11 @@ def test_hub_cache_is_used_offline(tmp_path, monkeypatch):
     save_file(state, snap / "snapshots" / commit / "model.safetensors")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(B, "_hub_reachable", _no_network)
-    model, info, fp = B.load_backbone("dino_vits16")
+    monkeypatch.setattr(backbones, "_hub_reachable", _no_network)
+    model, info, fp = backbones.load_backbone("dino_vits16")
     assert fp.startswith("hub:timm/vit_small_patch16_224.dino:")
     _assert_same_state(model, state)
-    mid, feats = B.forward_tokens(model, _images(1, 320, 224))  # 20x14 grid, resampled
+    mid, feats = backbones.forward_tokens(model, _images(1, 320, 224))  # 20x14 grid, resampled
     assert mid.shape == (1, 1 + 20 * 14, 384) and feats.shape == (1, 20 * 14, 384)
 
 
@@ -306,14 +306,14 @@ def offline(tmp_path_factory):
     """The converted offline DINOv2, loaded once into a fresh cache (timed)."""
     pytest.importorskip("onnx")
     try:
-        B.onnx_model_path()
+        backbones.onnx_model_path()
     except ValueError as exc:
         pytest.skip(str(exc))
     cache = tmp_path_factory.mktemp("ppap_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PPAP_CACHE", str(cache))
         t0 = time.perf_counter()
-        model, info, fp = B.load_backbone("dinov2_vits14_offline")
+        model, info, fp = backbones.load_backbone("dinov2_vits14_offline")
         seconds = time.perf_counter() - t0
     return dict(model=model, info=info, fp=fp, cache=cache, seconds=seconds)
 
@@ -323,7 +323,7 @@ def _onnx_session_with_taps():
     the final layernorm output and the residual stream entering the last layer."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    proto = onnx.load(str(B.onnx_model_path()))
+    proto = onnx.load(str(backbones.onnx_model_path()))
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
 
@@ -358,7 +358,7 @@ def test_offline_dinov2_matches_onnxruntime(offline):
     for i, (h, w) in enumerate([(224, 224), (322, 322), (224, 322)]):
         x = _images(1, h, w, seed=i)
         final, mid_ref = (torch.from_numpy(a) for a in sess.run(taps, {input_name: x.numpy()}))
-        mid, feats = B.forward_tokens(model, x)
+        mid, feats = backbones.forward_tokens(model, x)
         with torch.no_grad():
             cls = model.norm(model.blocks[-1](mid))[:, 0]
         diffs = [(feats - final[:, 1:]).abs().max().item(), (mid - mid_ref).abs().max().item(),
@@ -373,8 +373,8 @@ def test_offline_dinov2_matches_onnxruntime(offline):
         with torch.no_grad():
             antialiased = model.forward_features(x)[:, 1:]
     finally:
-        model.__class__ = B.NoAntialiasViT
-    aa_diff = (antialiased - B.forward_tokens(model, x)[1]).abs().max().item()
+        model.__class__ = backbones.NoAntialiasViT
+    aa_diff = (antialiased - backbones.forward_tokens(model, x)[1]).abs().max().item()
     print(f"timm's default antialiased resampling would differ by {aa_diff:.3f}")
     assert aa_diff > 1e-2
 
@@ -389,9 +389,9 @@ def test_offline_conversion_cache_is_reused(offline, monkeypatch):
         raise AssertionError("converted again instead of reading the cache")
 
     monkeypatch.setenv("PPAP_CACHE", str(offline["cache"]))
-    monkeypatch.setattr(B, "onnx_to_timm_dinov2", fail)
+    monkeypatch.setattr(backbones, "onnx_to_timm_dinov2", fail)
     t0 = time.perf_counter()
-    again, _, fp = B.load_backbone("dinov2_vits14_offline")
+    again, _, fp = backbones.load_backbone("dinov2_vits14_offline")
     cached_s = time.perf_counter() - t0
     print(f"offline DINOv2 load: first (convert) {offline['seconds']:.2f}s, cached {cached_s:.2f}s")
     assert fp == offline["fp"]
@@ -427,12 +427,12 @@ def test_dinov2_official_and_hf_checkpoints_load(offline, tmp_path):
     hf = {f"backbone.{k}": v.contiguous() for k, v in _timm_to_hf(ref).items()}
     save_file(hf, tmp_path / "hf.safetensors")
     for path in (tmp_path / "dinov2_vits14_pretrain.pth", tmp_path / "hf.safetensors"):
-        model, _, fp = B.load_backbone("dinov2_vits14", weights=str(path))
+        model, _, fp = backbones.load_backbone("dinov2_vits14", weights=str(path))
         _assert_same_state(model, ref)
     broken = {k: v for k, v in hf.items() if "layer.3.attention.attention.key" not in k}
     save_file(broken, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match=r"broken.safetensors.*missing keys \(e.g. blocks.3.attn.qkv"):
-        B.load_backbone("dinov2_vits14", weights=str(tmp_path / "broken.safetensors"))
+        backbones.load_backbone("dinov2_vits14", weights=str(tmp_path / "broken.safetensors"))
     assert load_file(tmp_path / "hf.safetensors").keys() == hf.keys()
 
 
@@ -441,7 +441,7 @@ def test_tiny_on_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     x = _images(2, 64, 48)
-    cpu = B.forward_tokens(B.load_backbone("vit_tiny_random")[0], x)
-    gpu = B.forward_tokens(B.load_backbone("vit_tiny_random", device="cuda")[0], x.cuda())
+    cpu = backbones.forward_tokens(backbones.load_backbone("vit_tiny_random")[0], x)
+    gpu = backbones.forward_tokens(backbones.load_backbone("vit_tiny_random", device="cuda")[0], x.cuda())
     for a, b in zip(cpu, gpu):
         assert torch.allclose(a, b.cpu(), atol=1e-4)

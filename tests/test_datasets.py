@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from pipeline import datasets as D
+from pipeline.datasets import COCO27_CLASSES, COCO_FINE_TO_COARSE, _demo_photo, demo_mosaic
 from pipeline.datasets import (
     DATASETS, CorruptImage, DataError, eval_view, five_crops, get_dataset, patch_labels,
 )
@@ -31,7 +31,7 @@ def _png(path: Path, arr: np.ndarray) -> Path:
 
 # --------------------------------------------------------------------------- COCO-Stuff-27
 
-# the spec's table (ALGORITHM.md §5), written out independently of the module
+# the table of docs/method.md §5.2, written out independently of the module
 SPEC_COCO = {
     9: [0], 11: list(range(1, 9)), 8: list(range(9, 15)), 7: list(range(15, 25)),
     6: list(range(25, 33)), 10: list(range(33, 43)), 5: list(range(43, 51)),
@@ -51,8 +51,8 @@ def test_coco_table_matches_spec_and_covers_all_fine_classes():
     expect = {f: c for c, fines in SPEC_COCO.items() for f in fines}
     assert sorted(expect) == list(range(182))
     for f in range(256):
-        assert D.COCO_FINE_TO_COARSE[f] == expect.get(f, -1), f
-    assert len(D.COCO27_CLASSES) == 27
+        assert COCO_FINE_TO_COARSE[f] == expect.get(f, -1), f
+    assert len(COCO27_CLASSES) == 27
 
 
 def _coco_tree(root: Path) -> dict[str, np.ndarray]:
@@ -240,7 +240,7 @@ def test_demo_deterministic_offline_and_covers_classes(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    D._demo_photo.cache_clear()
+    _demo_photo.cache_clear()
     a = get_dataset("demo", None, "train", seed=0)
     b = get_dataset("demo", None, "train", seed=0)
     c = get_dataset("demo", None, "train", seed=1)
@@ -264,9 +264,9 @@ def test_demo_deterministic_offline_and_covers_classes(monkeypatch):
 
 
 def test_demo_regions_show_their_source_photo():
-    rgb, label = D.demo_mosaic(0, "val", 5)
+    rgb, label = demo_mosaic(0, "val", 5)
     for k in np.unique(label):
-        photo = D._demo_photo(int(k))
+        photo = _demo_photo(int(k))
         ys, xs = np.nonzero(label == k)
         y, x = ys[len(ys) // 2], xs[len(xs) // 2]
         # the region's pixel exists somewhere in its source photo's colours

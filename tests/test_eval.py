@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from PIL import Image
 
-from pipeline import metrics as M
+from pipeline.metrics import cluster_scores
 from pipeline.config import EvalConfig
-from pipeline.featstore import FeatureStore, create_split
+from pipeline.featstore import FeatureStore
 from stages import evaluate
+
+from conftest import SplitSpec
 
 K = 3
 PATCH = 8
@@ -65,44 +66,28 @@ def _fill(g, n, side, rng, backbone, protos, invalid=()):
     return labels, valid
 
 
-def make_store(out: Path, seed: int = 0, labelled: bool = True) -> dict:
+def make_store(fake_cache, out: Path, seed: int = 0, labelled: bool = True) -> dict:
     backbone, info = _backbone()
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(K, info.embed_dim)).astype(np.float32)
-    root = zarr.open_group(str(out / "features.zarr"), mode="w", zarr_format=3)
     info_out = {}
-    for split, n, side, invalid in (("train", N_TRAIN, TRAIN_SIDE, ()), ("val", N_VAL, EVAL_SIDE, (N_VAL - 1,))):
-        grid = side // PATCH
-        g = create_split(root, split, n, n_tokens=1 + grid * grid, dim=info.embed_dim,
-                         grid=(grid, grid), side=side, labelled=True, chunk=8)
-        info_out[split] = _fill(g, n, side, rng, backbone, protos, invalid)
-    root.attrs["manifest"] = {
-        "dataset": "synthetic", "backbone": "vit_tiny_random", "patch_size": PATCH,
-        "embed_dim": info.embed_dim, "num_classes": K, "class_names": ["red", "green", "blue"],
-        "has_labels": labelled, "train_size": TRAIN_SIDE, "eval_size": EVAL_SIDE,
-        "grid_train": [TRAIN_SIDE // PATCH] * 2, "grid_eval": [EVAL_SIDE // PATCH] * 2,
-        "weights_fingerprint": f"random:{BACKBONE_SEED}", "fingerprint": f"synthetic{seed}",
-    }
+    invalid = {"train": (), "val": (N_VAL - 1,)}
+
+    def fill(split, g, spec):
+        info_out[split] = _fill(g, spec.n, spec.grid * PATCH, rng, backbone, protos, invalid[split])
+
+    fake_cache(out, dim=info.embed_dim, patch=PATCH, num_classes=K, labelled=labelled,
+               train=SplitSpec(N_TRAIN, TRAIN_SIDE // PATCH, chunk=8, labelled=True),
+               val=SplitSpec(N_VAL, EVAL_SIDE // PATCH, chunk=8, labelled=True), fill=fill,
+               class_names=["red", "green", "blue"], fingerprint=f"synthetic{seed}",
+               backbone="vit_tiny_random", weights_fingerprint=f"random:{BACKBONE_SEED}")
     return info_out
 
 
-QUICK_EPOCHS, QUICK_BATCH = 10, 8  # 50 probe steps on the 40 training crops
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quick_probe():
-    """Enough optimiser steps for the fitted linear probe to converge on this tiny store
-    (the defaults, 5 epochs of 64 crops, would be a single step per epoch here)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "PROBE_EPOCHS", QUICK_EPOCHS)
-        mp.setattr(evaluate, "PROBE_BATCH", QUICK_BATCH)
-        yield
-
-
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
+def store_dir(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalstore")
-    labels = make_store(out)
+    labels = make_store(fake_cache, out)
     return out, labels
 
 
@@ -138,7 +123,7 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
     assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"}
     for name in confs.files:
         assert confs[name].shape == (K, K) and confs[name].sum() == n_valid_px
-    s, _ = M.cluster_scores(confs["cluster_no_crf"])
+    s, _ = cluster_scores(confs["cluster_no_crf"])
     assert s.accuracy == pytest.approx(on_disk["no_crf"]["cluster_acc"])
     # images and config
     for png in ("confusion.png", "predictions.png"):
@@ -198,13 +183,15 @@ def test_trained_at_init_with_baseline_probes_matches_baseline(store_dir, frozen
     out, _ = store_dir
     store, centroids, linear = frozen_probes
     _checkpoint(out / "train" / "init" / "last.pt", store, centroids, linear)
-    rep = evaluate.run(EvalConfig(out=str(out), trained="init", crf=True, workers=1, n_show=2))
-    assert rep["name"] == "init" and rep["model"]["checkpoint"].endswith("init/last.pt")
+    rep = evaluate.run(EvalConfig(out=str(out), trained="init", checkpoint="last", probes="trained",
+                                  crf=True, workers=1, n_show=2))
+    assert rep["name"] == "init-last-trained-probes"
+    assert rep["model"]["checkpoint"].endswith("init/last.pt")
     for tag in ("no_crf", "crf"):
         for key in ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou"):
             # code from the branch (float32) vs the cached float16 features: near-ties only
             assert rep[tag][key] == pytest.approx(frozen_report[tag][key], abs=0.5), (tag, key)
-    dest = out / "eval" / "init"
+    dest = out / "eval" / "init-last-trained-probes"
     for f in ("metrics.json", "config.json", "confusion.png", "predictions.png", "confusion.npz"):
         assert (dest / f).is_file()
 
@@ -215,13 +202,14 @@ def test_extra_clusters_stay_unmatched(store_dir, frozen_probes):
     store, c, linear = frozen_probes
     extra = torch.cat([c, -c[:2]])  # two far-away clusters no pixel picks
     _checkpoint(out / "train" / "extra" / "last.pt", store, extra, linear)
-    rep = evaluate.run(EvalConfig(out=str(out), trained="extra", crf=False, n_show=2))
-    base = json.loads((out / "eval" / "init" / "metrics.json").read_text())
+    rep = evaluate.run(EvalConfig(out=str(out), trained="extra", checkpoint="last", probes="trained",
+                                  crf=False, n_show=2))
+    base = json.loads((out / "eval" / "init-last-trained-probes" / "metrics.json").read_text())
     assert rep["crf"] is None
     assert rep["n_clusters"] == K + 2
     mapping = rep["cluster_mapping"]["no_crf"]
     assert sorted(m for m in mapping if m >= 0) == list(range(K)) and mapping.count(-1) == 2
-    conf = np.load(out / "eval" / "extra" / "confusion.npz")["cluster_no_crf"]
+    conf = np.load(out / "eval" / "extra-last-trained-probes" / "confusion.npz")["cluster_no_crf"]
     assert conf.shape == (K, K + 2) and conf[:, K:].sum() == 0
     assert rep["no_crf"] == base["no_crf"]
 
@@ -233,13 +221,16 @@ def _random_probes(store: FeatureStore, seed: int) -> tuple[torch.Tensor, dict]:
     return torch.randn(K, store.embed_dim, generator=gen), LinearProbe(store.embed_dim, K, gen).state_dict()
 
 
-def test_fitted_probe_uses_training_settings(frozen_report):
+def test_fitted_probes_are_converged_and_recorded(frozen_report):
+    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2
+
     info = frozen_report["model"]
     assert frozen_report["probes"] == "refit"  # the baseline always fits its probes
-    assert info["probe_epochs"] == QUICK_EPOCHS and info["probe_batch"] == QUICK_BATCH
-    assert info["probe_steps"] == QUICK_EPOCHS * -(-N_TRAIN // QUICK_BATCH)  # no step floor
-    assert info["probe_lr"] == 1e-3 and info["fit_code"] == "frozen features"
-    assert not hasattr(evaluate, "PROBE_MIN_STEPS")
+    assert info["fit_code"] == "frozen features"
+    assert info["kmeans_niter"] == KMEANS_NITER and info["kmeans_nredo"] == KMEANS_NREDO
+    # the linear probe ran L-BFGS to its gradient tolerance, on every training patch
+    assert info["linear_converged"] is True, info
+    assert info["linear_l2"] == LINEAR_L2 and info["linear_rows"] == N_TRAIN * (TRAIN_SIDE // PATCH) ** 2
 
 
 def test_refit_at_init_matches_frozen_baseline(store_dir, frozen_report, frozen_probes):
@@ -249,22 +240,23 @@ def test_refit_at_init_matches_frozen_baseline(store_dir, frozen_report, frozen_
     store, base_c, base_lin = frozen_probes
     c, lin = _random_probes(store, 11)
     _checkpoint(out / "train" / "fresh" / "last.pt", store, c, lin)
-    as_trained = evaluate.run(EvalConfig(out=str(out), trained="fresh", crf=False, n_show=0))
-    rep = evaluate.run(EvalConfig(out=str(out), trained="fresh", probes="refit", crf=False, n_show=1))
-    assert as_trained["probes"] == "trained" and as_trained["name"] == "fresh"
+    as_trained = evaluate.run(EvalConfig(out=str(out), trained="fresh", checkpoint="last",
+                                         probes="trained", crf=False, n_show=0))
+    rep = evaluate.run(EvalConfig(out=str(out), trained="fresh", checkpoint="last", crf=False, n_show=1))
+    assert as_trained["probes"] == "trained" and as_trained["name"] == "fresh-last-trained-probes"
     assert as_trained["no_crf"]["linear_acc"] < 80  # the random linear probe is poor
-    assert rep["name"] == "fresh-refit" and rep["probes"] == "refit"
+    assert rep["name"] == "fresh-last" and rep["probes"] == "refit"  # refit is the default
     assert rep["model"]["checkpoint"].endswith("fresh/last.pt")
     assert rep["model"]["fit_code"] == "fresh branch code"
-    for key in ("kmeans_rows", "probe_epochs", "probe_steps", "probe_lr", "probe_batch"):
+    for key in ("kmeans_rows", "linear_rows", "linear_l2"):
         assert rep["model"][key] == frozen_report["model"][key], key
     for key in ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou"):
         assert rep["no_crf"][key] == pytest.approx(frozen_report["no_crf"][key], abs=0.5), key
-    dest = out / "eval" / "fresh-refit"
+    dest = out / "eval" / "fresh-last"
     on_disk = json.loads((dest / "metrics.json").read_text())
     assert on_disk["probes"] == "refit" and on_disk["no_crf"] == rep["no_crf"]
     assert json.loads((dest / "config.json").read_text())["probes"] == "refit"
-    assert json.loads((out / "eval" / "fresh" / "metrics.json").read_text())["probes"] == "trained"
+    assert json.loads((out / "eval" / "fresh-last-trained-probes" / "metrics.json").read_text())["probes"] == "trained"
     # the fitted probes themselves agree with the baseline's (same seeds, same data order)
     saved = torch.load(dest / "probes.pt", weights_only=True)
     torch.testing.assert_close(saved["centroids"], base_c, atol=2e-3, rtol=0)
@@ -279,8 +271,8 @@ def test_refit_reads_code_from_the_branch(store_dir, frozen_report, frozen_probe
     store, base_c, _ = frozen_probes
     c, lin = _random_probes(store, 12)
     _checkpoint(out / "train" / "neg" / "last.pt", store, c, lin, negate_code=True)
-    rep = evaluate.run(EvalConfig(out=str(out), trained="neg", probes="refit", crf=False, n_show=0))
-    saved = torch.load(out / "eval" / "neg-refit" / "probes.pt", weights_only=True)
+    rep = evaluate.run(EvalConfig(out=str(out), trained="neg", checkpoint="last", crf=False, n_show=0))
+    saved = torch.load(out / "eval" / "neg-last" / "probes.pt", weights_only=True)
     torch.testing.assert_close(saved["centroids"], -base_c, atol=2e-3, rtol=0)
     for key in ("cluster_acc", "cluster_miou"):
         assert rep["no_crf"][key] == pytest.approx(frozen_report["no_crf"][key], abs=0.5), key
@@ -297,6 +289,8 @@ def test_probes_option_is_validated(store_dir):
     out, _ = store_dir
     res = CliRunner().invoke(cli.app, ["eval", "--out", str(out), "--trained", "init", "--probes", "bogus"])
     assert isinstance(res.exception, ValueError) and "probes='bogus'" in str(res.exception)
+    res = CliRunner().invoke(cli.app, ["eval", "--out", str(out), "--trained", "init", "--checkpoint", "first"])
+    assert isinstance(res.exception, ValueError) and "checkpoint='first'" in str(res.exception)
     assert "refit" in CliRunner().invoke(cli.app, ["eval", "--help"]).output
 
 
@@ -315,11 +309,16 @@ def test_refuses_bad_inputs(store_dir, tmp_path):
     lin = LinearProbe(store.embed_dim, K, torch.Generator().manual_seed(0)).state_dict()
     _checkpoint(out / "train" / "other" / "last.pt", store, c, lin, fingerprint="elsewhere")
     with pytest.raises(ValueError, match="trained on feature cache elsewhere"):
+        evaluate.run(EvalConfig(out=str(out), trained="other", checkpoint="last"))
+    # a run that never selected falls back from best to last; one that did must have best.pt
+    assert evaluate._default_checkpoint(EvalConfig(out=str(out), trained="other")).checkpoint == "last"
+    (out / "train" / "other" / "selection.jsonl").write_text("")
+    with pytest.raises(ValueError, match="--checkpoint last"):
         evaluate.run(EvalConfig(out=str(out), trained="other"))
 
 
-def test_unlabelled_store_is_refused(tmp_path):
-    make_store(tmp_path, labelled=False)
+def test_unlabelled_store_is_refused(fake_cache, tmp_path):
+    make_store(fake_cache, tmp_path, labelled=False)
     with pytest.raises(ValueError, match="without labels"):
         evaluate.run(EvalConfig(out=str(tmp_path), baseline="frozen"))
 

@@ -55,7 +55,7 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
 
 
 def dense_reference(F, anchors, phi0, psi0, T, sp, sa):
-    """ALGORITHM.md §2 in float64, written independently of pipeline.mining."""
+    """docs/method.md §2 in float64, written independently of pipeline.mining."""
     F = F.astype(np.float64)
     pos, amb = [], []
     for a in anchors:

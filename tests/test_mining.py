@@ -1,4 +1,4 @@
-"""Mining against an independent float64 dense reference of ALGORITHM.md §2 and §7."""
+"""Mining against an independent float64 dense reference of docs/method.md §2 and §7."""
 
 import numpy as np
 import pytest
@@ -397,3 +397,18 @@ def test_cuda_matches_reference(data, backend):
         mb = mine_batch(F, anchors, "ppap", MineParams(*args), backend=backend, device="cuda",
                         mem_budget_mb=2)
         assert_sets_match(mb, reference_ppap(F, anchors, *args), anchors, len(F))
+
+
+def test_mine_params_share_defaults_and_checks_with_mine_config():
+    from pipeline.config import MineConfig
+
+    cfg = MineConfig()
+    assert MineParams() == MineParams.from_config(cfg)
+    for bad, match in ((dict(psi0=1.5), r"psi0=1.5 must be a cosine"),
+                       (dict(phi0=-2.0), r"phi0=-2.0 must be a cosine"),
+                       (dict(prop_iters=-1), r"prop_iters=-1 must be an integer >= 0"),
+                       (dict(sigma_amb=0.0), r"sigma_amb=0.0 must be > 0")):
+        with pytest.raises(ValueError, match=match):
+            MineParams(**bad)
+        with pytest.raises(ValueError, match=match):
+            MineConfig(criterion="p0", **bad)

@@ -14,17 +14,19 @@ from pipeline import shards
 from pipeline.backbones import forward_tokens, load_backbone
 from pipeline.batching import anchor_rows, batch_plan
 from pipeline.config import TrainConfig
-from pipeline.featstore import STORE_NAME, FeatureStore, create_split
+from pipeline.featstore import STORE_NAME, FeatureStore
 from pipeline.mining import MineParams, mine_batch
 from pipeline.model import CKPT_FORMAT, load_trained
 from pipeline.store import ManifestMismatch, atomic_write_json, check_or_write_manifest
-from stages import train as T
+from stages import train
+
+from conftest import SplitSpec
 
 N_CROPS, SIDE, GRID, K, B = 12, 64, 8, 3, 4  # vit_tiny_random has patch 8 -> 8x8 grid
 SEED = 0
 
 
-def _make_cache(out, labelled=True):
+def _make_cache(fake_cache, out, labelled=True):
     """features.zarr like stages/features.py writes it, from the tiny random backbone."""
     model, info, fp = load_backbone("vit_tiny_random", seed=SEED)
     g = torch.Generator().manual_seed(1)
@@ -37,26 +39,21 @@ def _make_cache(out, labelled=True):
     mid, feats = forward_tokens(model, x)
     labels = lab.numpy().astype(np.int16)
     labels[:, :2] = -1  # an ignored strip
-    manifest = dict(
-        dataset="synthetic", backbone="vit_tiny_random", seed=SEED, weights=None,
-        weights_fingerprint=fp, patch_size=info.patch_size, embed_dim=info.embed_dim,
-        num_classes=K, class_names=[f"c{i}" for i in range(K)], has_labels=labelled,
-        train_size=SIDE, eval_size=SIDE, grid_train=[GRID, GRID], grid_eval=[GRID, GRID],
-        fingerprint="synthetic-cache-0",
-    )
-    root = zarr.open_group(str(out / STORE_NAME), mode="w", zarr_format=3)
-    sp = create_split(root, "train", N_CROPS, n_tokens=1 + GRID * GRID, dim=info.embed_dim,
-                      grid=(GRID, GRID), side=SIDE, labelled=labelled, chunk=4)
-    sp["tokens"][:] = mid.numpy().astype(np.float16)
-    sp["feats"][:] = feats.numpy().astype(np.float16)
-    if labelled:
-        sp["labels"][:] = labels
-        sp["patch_labels"][:] = labels[:, ::SIDE // GRID, ::SIDE // GRID]
-    sp["rgb"][:] = 0
-    sp["image_index"][:] = np.arange(N_CROPS) // 5
-    sp["valid"][:] = 1
-    root.attrs["manifest"] = manifest
-    return FeatureStore(out)
+
+    def fill(split, sp, spec):
+        sp["tokens"][:] = mid.numpy().astype(np.float16)
+        sp["feats"][:] = feats.numpy().astype(np.float16)
+        if labelled:
+            sp["labels"][:] = labels
+            sp["patch_labels"][:] = labels[:, ::SIDE // GRID, ::SIDE // GRID]
+        sp["rgb"][:] = 0
+        sp["image_index"][:] = np.arange(N_CROPS) // 5
+
+    assert info.patch_size * GRID == SIDE
+    return fake_cache(out, dim=info.embed_dim, patch=info.patch_size, num_classes=K,
+                      train=SplitSpec(N_CROPS, GRID, chunk=4), labelled=labelled, fill=fill,
+                      fingerprint="synthetic-cache-0", backbone="vit_tiny_random", seed=SEED,
+                      weights=None, weights_fingerprint=fp)
 
 
 def _mine(out, store, name="ppap", plans=2, fingerprint=None):
@@ -82,9 +79,9 @@ def _mine(out, store, name="ppap", plans=2, fingerprint=None):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_cache")
-    store = _make_cache(out)
+    store = _make_cache(fake_cache, out)
     _mine(out, store)
     return out
 
@@ -131,7 +128,7 @@ def _strip_times(rows):
 
 def test_train_writes_run_and_checkpoint(out):
     cfg = cfg_for(out, name="full")
-    summary = T.run(cfg)
+    summary = train.run(cfg)
     run_dir = out / "train" / "full"
     n_batches = len(batch_plan(SEED, 0, N_CROPS, B))
     assert summary["steps"] == 3 * n_batches and summary["finished"]
@@ -170,21 +167,21 @@ def test_train_writes_run_and_checkpoint(out):
         assert cluster.scores(code).shape == (2, K, GRID, GRID)
 
     # a finished run reruns as a no-op
-    again = T.run(cfg)
+    again = train.run(cfg)
     assert again["steps"] == summary["steps"] and again["steps_this_run"] == 0
     assert again["final_loss"] == summary["final_loss"]
 
 
 def test_resume_after_max_steps_and_after_a_crash_equals_one_run(out, monkeypatch):
-    T.run(cfg_for(out, name="one"))
+    train.run(cfg_for(out, name="one"))
 
     # stopped by max_steps, then continued
-    part = T.run(cfg_for(out, name="two", max_steps=4))
+    part = train.run(cfg_for(out, name="two", max_steps=4))
     assert part["steps"] == 4 and not part["finished"]
-    T.run(cfg_for(out, name="two"))
+    train.run(cfg_for(out, name="two"))
 
     # killed (an exception) after step 5; the last checkpoint is at step 4 (ckpt_every=2)
-    real_step = T.train_step
+    real_step = train.train_step
     calls = {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -193,13 +190,13 @@ def test_resume_after_max_steps_and_after_a_crash_equals_one_run(out, monkeypatc
             raise RuntimeError("simulated kill")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(T, "train_step", dying_step)
+    monkeypatch.setattr(train, "train_step", dying_step)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        T.run(cfg_for(out, name="three"))
+        train.run(cfg_for(out, name="three"))
     assert _ckpt(out, "three")["step"] == 4
     assert len(_metrics(out, "three")) == 5
-    monkeypatch.setattr(T, "train_step", real_step)
-    T.run(cfg_for(out, name="three"))
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.run(cfg_for(out, name="three"))
 
     ref = _ckpt(out, "one")
     for name in ("two", "three"):
@@ -212,31 +209,31 @@ def test_resume_after_max_steps_and_after_a_crash_equals_one_run(out, monkeypatc
 
 
 def test_rerun_with_other_settings_is_refused(out):
-    T.run(cfg_for(out, name="r", max_steps=1))
+    train.run(cfg_for(out, name="r", max_steps=1))
     with pytest.raises(ManifestMismatch, match="lr"):
-        T.run(cfg_for(out, name="r", lr=1e-2))
+        train.run(cfg_for(out, name="r", lr=1e-2))
     # settings that do not change the weights may differ
-    T.run(cfg_for(out, name="r", max_steps=2, ckpt_every=5, anchor_chunk=3))
+    train.run(cfg_for(out, name="r", max_steps=2, ckpt_every=5, anchor_chunk=3))
 
 
 def test_refuses_shards_mined_from_another_cache(out):
     store = FeatureStore(out)
     _mine(out, store, name="foreign", plans=1, fingerprint="some-other-cache")
     with pytest.raises(ValueError, match="fingerprint"):
-        T.run(cfg_for(out, mined="foreign"))
+        train.run(cfg_for(out, mined="foreign"))
     with pytest.raises(ValueError, match="no mined sets named 'absent'"):
-        T.run(cfg_for(out, mined="absent"))
+        train.run(cfg_for(out, mined="absent"))
 
 
 def test_refuses_unfinished_mining(out):
     mine_dir = out / "mine" / "ppap"
     shards.done_path(shards.shard_path(mine_dir, 1, 2)).unlink()  # last batch of plan 1
     with pytest.raises(ValueError, match="plan 1 has 2 of 3 batches"):
-        T.run(cfg_for(out, name="x"))
+        train.run(cfg_for(out, name="x"))
     shards.done_path(shards.shard_path(mine_dir, 1, 0)).unlink()
     shards.done_path(shards.shard_path(mine_dir, 1, 1)).unlink()
     with pytest.raises(ValueError, match="1 of 2 batch plans"):
-        T.run(cfg_for(out, name="x"))
+        train.run(cfg_for(out, name="x"))
 
 
 def test_refuses_a_backbone_that_does_not_reproduce_the_cache(out):
@@ -245,31 +242,31 @@ def test_refuses_a_backbone_that_does_not_reproduce_the_cache(out):
     # the same architecture with other weights (as if the cache had been made with seed 1)
     root.attrs["manifest"] = {**good, "seed": 1, "weights_fingerprint": "random:1"}
     with pytest.raises(ValueError, match="do not reproduce"):
-        T.run(cfg_for(out, name="bad"))
+        train.run(cfg_for(out, name="bad"))
     # weights that load under another fingerprint are refused before any comparison
     root.attrs["manifest"] = {**good, "weights_fingerprint": "random:5"}
     with pytest.raises(ValueError, match="random:5"):
-        T.run(cfg_for(out, name="bad"))
+        train.run(cfg_for(out, name="bad"))
     # corrupted cached features of the checked crop
     root.attrs["manifest"] = good
     root["train"]["feats"][0] = -np.asarray(root["train"]["feats"][0])
     with pytest.raises(ValueError, match="do not reproduce"):
-        T.run(cfg_for(out, name="bad"))
+        train.run(cfg_for(out, name="bad"))
     assert not (out / "train" / "bad" / "manifest.json").exists()
 
 
 def test_loss_chunking_does_not_change_training(out):
-    T.run(cfg_for(out, name="c1", max_steps=3, anchor_chunk=1024))
-    T.run(cfg_for(out, name="c2", max_steps=3, anchor_chunk=5))
+    train.run(cfg_for(out, name="c1", max_steps=3, anchor_chunk=1024))
+    train.run(cfg_for(out, name="c2", max_steps=3, anchor_chunk=5))
     a, b = _metrics(out, "c1"), _metrics(out, "c2")
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
 
 
-def test_unlabelled_cache_trains_without_linear_probe(tmp_path):
-    store = _make_cache(tmp_path, labelled=False)
+def test_unlabelled_cache_trains_without_linear_probe(fake_cache, tmp_path):
+    store = _make_cache(fake_cache, tmp_path, labelled=False)
     _mine(tmp_path, store, plans=1)
-    summary = T.run(cfg_for(tmp_path, name="u", epochs=1, n_clusters=5))
+    summary = train.run(cfg_for(tmp_path, name="u", epochs=1, n_clusters=5))
     assert summary["finished"]
     rows = _metrics(tmp_path, "u")
     assert all(r["linear_loss"] is None and np.isfinite(r["cluster_loss"]) for r in rows)

@@ -1,0 +1,181 @@
+"""Held-out training images: never mined, never trained on; selection and the collapse guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import batching, shards
+from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.featstore import FeatureStore
+from pipeline.selection import best_choice, labelfree_choice
+from stages import features, mine, train
+
+from _fixtures import make_folder
+
+N_IMAGES, HOLDOUT = 10, 0.2  # -> 2 held-out source images
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = make_folder(tmp_path_factory.mktemp("data"), n=N_IMAGES, size=(64, 80))
+    out = tmp_path_factory.mktemp("run")
+    features.run(FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
+                                backbone="vit_tiny_random", train_size=48, eval_size=48,
+                                splits=("train",), chunk_size=4))
+    return out
+
+
+def mine_cfg(out: Path, **kw) -> MineConfig:
+    F = FeatureStore(out).mining_features(np.arange(8))
+    s = F[::7] @ F.T
+    base = dict(out=str(out), phi0=float(np.round(np.quantile(s, 0.85), 2)),
+                psi0=float(np.round(np.quantile(s, 0.5), 2)), prop_iters=2, sigma_pos=3.0,
+                sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", epochs=2, seed=3,
+                holdout=HOLDOUT)
+    return MineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def mined(cache) -> Path:
+    mine.run(mine_cfg(cache))
+    return cache / "mine" / "ppap"
+
+
+def test_holdout_split_keeps_whole_images_out_and_is_seeded():
+    image_index = np.repeat(np.arange(20), 3)
+    valid = np.ones(60, bool)
+    valid[5] = False
+    tr, ho = batching.holdout_split(1, image_index, valid, 0.25)
+    assert len(np.unique(image_index[ho])) == 5  # floor(0.25 * 20) source images
+    assert not set(image_index[tr]) & set(image_index[ho])  # no image on both sides
+    assert sorted(np.concatenate([tr, ho]).tolist()) == np.flatnonzero(valid).tolist()
+    tr2, ho2 = batching.holdout_split(1, image_index, valid, 0.25)
+    np.testing.assert_array_equal(ho, ho2)
+    assert not np.array_equal(ho, batching.holdout_split(2, image_index, valid, 0.25)[1])
+    tr0, ho0 = batching.holdout_split(1, image_index, valid, 0.0)
+    assert len(ho0) == 0 and len(tr0) == 59
+
+
+def test_held_out_crops_are_never_mined(cache, mined):
+    cfg = mine_cfg(cache)
+    held = set(mine.holdout_items(cfg).tolist())
+    store = FeatureStore(cache)
+    src = np.asarray(store.split("train")["image_index"][:])
+    assert len(np.unique(src[sorted(held)])) == int(N_IMAGES * HOLDOUT)
+    seen = set()
+    for path in sorted((mined / "shards").rglob("*.npz")):
+        with np.load(path) as z:
+            images = set(z["images"].tolist())
+        assert not images & held, path
+        seen |= images
+    assert seen == set(mine.train_items(cfg).tolist())  # every other crop is mined
+    assert json.loads((mined / "config.json").read_text())["holdout"] == HOLDOUT
+    # another holdout is another identity: refused in the same directory
+    with pytest.raises(Exception, match="holdout"):
+        mine.run(mine_cfg(cache, holdout=0.3))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "selection.jsonl").read_text().splitlines()]
+
+
+def test_training_selects_on_the_holdout_only(cache, mined):
+    cfg = TrainConfig(out=str(cache), mined="ppap", name="sel", epochs=2, tau=0.2, lr=1e-4,
+                      select_every=2, ckpt_every=2, seed=0)
+    summary = train.run(cfg)
+    run_dir = cache / "train" / "sel"
+    recs = _records(run_dir)
+    steps = summary["steps"]
+    assert [r["step"] for r in recs] == sorted({0, *range(2, steps + 1, 2), steps})
+    held = mine.holdout_items(mine_cfg(cache))
+    ck = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    assert ck["selection"]["holdout_crops"] == len(held)
+    for r in recs:
+        assert {"erank", "top3_share", "mean_cos", "cluster_miou", "linear_miou"} <= set(r)
+    # best.pt is the record with the best held-out cluster mIoU; labelfree.pt the rank rule
+    bi, li = best_choice(recs, "cluster_miou"), labelfree_choice(recs, cfg.rank_floor)
+    assert ck["step"] == recs[bi]["step"]
+    lf = torch.load(run_dir / "labelfree.pt", map_location="cpu", weights_only=False)
+    assert lf["step"] == recs[li]["step"]
+    sel = json.loads((run_dir / "selection.json").read_text())
+    assert sel["best_step"] == recs[bi]["step"] and sel["labelfree_step"] == recs[li]["step"]
+    # the training batches are exactly the mined shards: no held-out crop is ever trained on
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        with np.load(shards.shard_path(mined, r["plan"], r["batch"])) as z:
+            assert not set(z["images"].tolist()) & set(held.tolist())
+    # a different --holdout than the mined sets' is refused with the fix
+    with pytest.raises(ValueError, match="holdout"):
+        train.run(TrainConfig(out=str(cache), mined="ppap", name="sel2", holdout=0.5))
+
+
+def test_eval_checkpoint_choices(cache, mined):
+    from stages import evaluate
+
+    train.run(TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
+                          select_every=2, seed=0))
+    # step 0 (frozen features) is scored once per cache/holdout/seed and reused by later runs
+    assert len(list((cache / "train" / ".frozen-holdout").glob("*.json"))) == 1
+    first = lambda name: {k: v for k, v in _records(cache / "train" / name)[0].items() if k != "seconds"}
+    assert first("ev") == first("sel")
+    for ck in ("best", "last", "labelfree"):
+        assert (cache / "train" / "ev" / f"{ck}.pt").is_file()
+        assert evaluate.checkpoint_path(EvalConfig(out=str(cache), trained="ev", checkpoint=ck)).name == f"{ck}.pt"
+    assert evaluate.report_name(EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
+
+
+def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):
+    from typer.testing import CliRunner
+
+    from pipeline import cli
+
+    base_psi0 = json.loads((mined / "config.json").read_text())["psi0"]
+    other_psi0 = round(base_psi0 - 0.05, 4)
+    args = ["sweep-train", "--out", str(cache), "--mined", "ppap", "--name", "sw",
+            "--grid", "tau=0.1,0.5", "--grid", f"psi0={other_psi0}", "--max-steps", "2",
+            "--select-every", "1", "--fixed", "lr=1e-4"]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    dest = cache / "sweep" / "sw"
+    report = json.loads((dest / "results.json").read_text())
+    assert [r["label"] for r in report["runs"]] == [f"tau0.1_psi0{other_psi0:g}", f"tau0.5_psi0{other_psi0:g}"]
+    for r in report["runs"]:
+        assert r["config"]["lr"] == 1e-4 and r["config"]["max_steps"] == 2
+        assert [x["step"] for x in r["records"]] == [0, 1, 2]
+        # the mined sets with the other Psi0 were derived from the base run: same batches/holdout
+        dcfg = json.loads((cache / "mine" / r["mined"] / "config.json").read_text())
+        assert dcfg["psi0"] == other_psi0 and dcfg["holdout"] == HOLDOUT and dcfg["seed"] == 3
+    table = (dest / "table.md").read_text()
+    assert table.count("\n") >= 4 and "frozen" in table
+    assert (dest / "sweep.png").stat().st_size > 1000
+    # rerunning is a no-op that reproduces the report
+    res2 = CliRunner().invoke(cli.app, args)
+    assert res2.exit_code == 0
+    again = json.loads((dest / "results.json").read_text())
+    assert [r["records"] for r in again["runs"]] == [r["records"] for r in report["runs"]]
+    # the grid names what it can sweep
+    bad = CliRunner().invoke(cli.app, ["sweep-train", "--out", str(cache), "--grid", "colour=1,2"])
+    assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
+
+
+@pytest.mark.parametrize("preset", ["camvid", "demo"])
+def test_preset_recipe_lowers_the_loss_without_collapsing_rank(cache, mined, preset):
+    """The training settings the presets ship (chosen by the held-out sweep) on a small cache:
+    the loss goes down and the code keeps its effective rank."""
+    keys = ("tau", "lr", "weight_decay", "optimizer", "amb_weight", "grad_clip")
+    recipe = {k: v for k, v in C.PRESETS[preset].items() if k in keys}
+    cfg = C.TrainConfig(out=str(cache), mined="ppap", name=f"recipe-{preset}", epochs=6,
+                        select_every=0, seed=1, **recipe)
+    train.run(cfg)
+    rows = [json.loads(x) for x in (cache / "train" / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    third = len(rows) // 3
+    first = np.mean([r["loss"] for r in rows[:third]])
+    last = np.mean([r["loss"] for r in rows[-third:]])
+    assert last < first, (first, last)
+    ratio = np.mean([r["erank"] / r["erank_frozen"] for r in rows[-third:]])
+    assert ratio > cfg.collapse_ratio, ratio
