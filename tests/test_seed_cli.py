@@ -24,9 +24,9 @@ def invoke(*argv: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("seedcli")
-    make_store(out)
+    make_store(fake_cache, out)
     root = zarr.open_group(str(out / "features.zarr"), mode="r+")
     root.attrs["manifest"] = {**root.attrs["manifest"], "seed": BACKBONE_SEED}  # train reloads it
     common = ("--batch-size", 8, "--anchors-per-image", "1/4", "--epochs", 2, "--seed", 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config as C
+from pipeline.config import AuditConfig, MineConfig, ShowConfig, TrainConfig
 from pipeline import shards
 from pipeline.featstore import FeatureStore
 from pipeline.store import ManifestMismatch
@@ -29,9 +29,9 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(fake_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("seedstore")
-    pl = make_store(out)  # 12 crops of 4x4 patches, 3 separable classes, some ignore labels
+    pl = make_store(fake_cache, out)  # 12 crops of 4x4 patches, 3 separable classes, some ignore labels
     for name, criterion in (("ppap", "ppap"), ("p0", "p0"), ("hp", "hp"), ("kmeans", "kmeans"),
                             ("primaps", "primaps"), ("eigen", "eigen")):
         mine_run(out, name, criterion=criterion, **FAST)
@@ -60,7 +60,7 @@ def test_audit_compares_all_six_criteria_on_the_same_anchors(store, tmp_path, ca
 
     out, _ = store
     names = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
-    rep = audit.run(C.AuditConfig(out=str(out), mined=names, batches=3, max_anchors=None,
+    rep = audit.run(AuditConfig(out=str(out), mined=names, batches=3, max_anchors=None,
                                   json=str(tmp_path / "a.json"), plot=str(tmp_path / "f.png")))
     runs = {r["name"]: r for r in rep["runs"]}
     assert list(runs) == list(names)
@@ -139,7 +139,7 @@ def test_show_renders_primaps_sets(store, tmp_path):
     from stages import show
 
     out, _ = store
-    paths = show.run(C.ShowConfig(out=str(out), mined="primaps", random=2, dest=str(tmp_path)))
+    paths = show.run(ShowConfig(out=str(out), mined="primaps", random=2, dest=str(tmp_path)))
     assert len(paths) == 2 and all(p.is_file() and p.stat().st_size > 1000 for p in paths)
 
 
@@ -167,16 +167,16 @@ def test_cli_validates_the_new_options(store):
 
 
 @pytest.mark.parametrize("criterion", ["primaps", "eigen"])
-def test_train_runs_on_primaps_and_eigen_shards(tmp_path, criterion):
+def test_train_runs_on_primaps_and_eigen_shards(fake_cache, tmp_path, criterion):
     """End to end on a tiny real cache: mine with the stage, then train on the shards."""
     from stages import train
     from test_train import B, N_CROPS, _make_cache
 
-    store = _make_cache(tmp_path)
-    mine.run(C.MineConfig(out=str(tmp_path), criterion=criterion, batch_size=B,
+    store = _make_cache(fake_cache, tmp_path)
+    mine.run(MineConfig(out=str(tmp_path), criterion=criterion, batch_size=B,
                           anchors_per_image="1/4", epochs=2, seed=0, eigen_steps=100,
                           primaps_coverage=0.8))
-    summary = train.run(C.TrainConfig(out=str(tmp_path), mined=criterion, epochs=2, lr=3e-3,
+    summary = train.run(TrainConfig(out=str(tmp_path), mined=criterion, epochs=2, lr=3e-3,
                                       ckpt_every=2, seed=1))
     assert summary["finished"] and np.isfinite(summary["final_loss"])
     rows = [json.loads(x) for x in (tmp_path / "train" / criterion / "metrics.jsonl").read_text().splitlines()]
