@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 

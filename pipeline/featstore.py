@@ -26,7 +26,6 @@ size (uncompressed size, or the size in the blosc header); a features rerun adds
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

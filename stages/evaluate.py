@@ -339,10 +339,12 @@ def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.nd
         crops = np.sort(rng.choice(crops, size=cap, replace=False))
         log.info("primaps-em: using %d of the training crops (PRIMAPS_EM_CACHE_MB)", cap)
     out = np.empty((len(crops), hw, store.embed_dim), np.float16)
-    for s in tqdm(range(0, len(crops), PROBE_BLOCK), desc=f"read {source.name}", unit="block",
-                  dynamic_ncols=True):
-        f = source.read(crops[s:s + PROBE_BLOCK])
-        out[s:s + len(f)] = normalise(f).astype(np.float16)
+    starts = range(0, len(crops), PROBE_BLOCK)
+    with progress(total=len(starts), desc=f"read {source.name}", unit="block") as bar:
+        for s in starts:
+            f = source.read(crops[s:s + PROBE_BLOCK])
+            out[s:s + len(f)] = normalise(f).astype(np.float16)
+            bar.update(1)
     return out
 
 
@@ -358,7 +360,7 @@ def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
                                   coverage=cfg.primaps_coverage)
         X = _training_crops(store, cfg.seed, source)
         with timed(f"PriMaPs-EM on {source.name}", log), \
-                tqdm(total=params.steps, desc="primaps-em", unit="step", dynamic_ncols=True) as bar:
+                progress(total=params.steps, desc="primaps-em", unit="step") as bar:
             def progress(step: int, loss: float) -> None:
                 bar.update(1)
                 if step % 50 == 0:
@@ -373,7 +375,7 @@ def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
                                    kernel_power=cfg.eigen_kernel_power)
         x = _kmeans_sample(store, cfg.seed, source)
         with timed(f"neural eigenfunctions on {source.name}", log), \
-                tqdm(total=params.steps, desc="neuralef", unit="step", dynamic_ncols=True) as bar:
+                progress(total=params.steps, desc="neuralef", unit="step") as bar:
             clusters = eigen.fit_eigen_clusters(x, k, cfg.seed, params,
                                                 progress=lambda step, loss: bar.update(1))
         cluster = eigen.EigenClusterProbe(clusters)

@@ -35,7 +35,7 @@ from pipeline.loss import ppap_loss
 from pipeline.model import CKPT_FORMAT, build_model, read_checkpoint
 from pipeline.probes import code_stats, spherical_kmeans
 from pipeline.selection import Holdout, best_choice, labelfree_choice
-from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version, read_json
+from pipeline.store import atomic_write_json, check_or_write_manifest, code_version, read_json
 
 log = logging.getLogger("ppap.train")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import batching, shards
-from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.featstore import FeatureStore
 from pipeline.selection import best_choice, labelfree_choice
 from stages import features, mine, train
@@ -168,8 +168,8 @@ def test_preset_recipe_lowers_the_loss_without_collapsing_rank(cache, mined, pre
     """The training settings the presets ship (chosen by the held-out sweep) on a small cache:
     the loss goes down and the code keeps its effective rank."""
     keys = ("tau", "lr", "weight_decay", "optimizer", "amb_weight", "grad_clip")
-    recipe = {k: v for k, v in C.PRESETS[preset].items() if k in keys}
-    cfg = C.TrainConfig(out=str(cache), mined="ppap", name=f"recipe-{preset}", epochs=6,
+    recipe = {k: v for k, v in PRESETS[preset].items() if k in keys}
+    cfg = TrainConfig(out=str(cache), mined="ppap", name=f"recipe-{preset}", epochs=6,
                         select_every=0, seed=1, **recipe)
     train.run(cfg)
     rows = [json.loads(x) for x in (cache / "train" / cfg.name / "metrics.jsonl").read_text().splitlines()]
