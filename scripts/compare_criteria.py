@@ -10,12 +10,14 @@ redone (every stage resumes), so rerunning after an interruption only does what 
     # 2. cluster probes on the frozen features: k-means vs PriMaPs-EM vs eigenfunctions
     python scripts/compare_criteria.py probes --preset camvid --out data_cache/camvid
 
-    # 3. train/eval table: mine the preset's epochs, train on every criterion, evaluate the run
-    #    with its trained probes, with refitted probes and with a PriMaPs-EM cluster probe
-    python scripts/compare_criteria.py train-eval --preset camvid --out data_cache/camvid
+    # 3. train/eval table: mine the preset's epochs, train on every criterion (held-out selection),
+    #    evaluate its best and last checkpoints with probes refitted on its code, and the frozen
+    #    baseline; --primaps-em adds a PriMaPs-EM cluster probe for every model
+    python scripts/compare_criteria.py train-eval --preset camvid --out data_cache/camvid \
+        --criteria ppap p0 hp kmeans --train-args "--max-steps 100 --select-every 20"
 
 Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
-through, quoted), --md FILE (also write the table there), --dry-run (print the commands).
+through, quoted), --checkpoints (train-eval: best last labelfree), --table-only, --md FILE (also write the table there), --dry-run (print the commands).
 Mined sets are named after the criterion (`<out>/mine/<criterion>`), except that `audit` mines
 `--epochs 1` into `<out>/mine/audit-<criterion>` so it never clashes with a full run; training
 runs are `<out>/train/<criterion>`.
@@ -109,31 +111,91 @@ def do_probes(args: argparse.Namespace) -> None:
     emit(args, lines)
 
 
+def selection(args: argparse.Namespace, run: str) -> dict:
+    return json.loads((out_dir(args) / "train" / run / "selection.json").read_text())
+
+
+def last_step(args: argparse.Namespace, run: str) -> int:
+    rows = (out_dir(args) / "train" / run / "selection.jsonl").read_text().splitlines()
+    return max(json.loads(r)["step"] for r in rows if r.strip())
+
+
+def checkpoints(args: argparse.Namespace, run: str) -> list[tuple[str, int, str]]:
+    """(checkpoint, step, eval name) of `run`; a checkpoint made at the same step as one before
+    it is the same weights, so it shares that one's evaluation instead of repeating it."""
+    sel = selection(args, run)
+    steps = {"best": sel["best_step"], "last": last_step(args, run),
+             "labelfree": sel["labelfree_step"]}
+    out, seen = [], {}
+    for ck in args.checkpoints:
+        step = steps[ck]
+        out.append((ck, step, seen.setdefault(step, f"{run}-{ck}")))
+    return out
+
+
 def do_train_eval(args: argparse.Namespace) -> None:
+    """Issue-8 protocol: mine, train with held-out selection, evaluate best/last (probes refitted
+    on the model's training-split code), frozen baseline with the same probes."""
+    cli(args, "eval", *common(args), "--baseline", "frozen", extra=args.eval_args)
     for c in args.criteria:
         cli(args, "mine", *common(args), "--criterion", c, "--name", c, extra=args.mine_args)
         cli(args, "train", *common(args), "--mined", c, "--name", c, extra=args.train_args)
-        cli(args, "eval", *common(args), "--trained", c, extra=args.eval_args)
-        cli(args, "eval", *common(args), "--trained", c, "--probes", "refit", extra=args.eval_args)
-        cli(args, "eval", *common(args), "--trained", c, "--probe", "primaps-em", extra=args.eval_args)
-    cli(args, "eval", *common(args), "--baseline", "frozen", extra=args.eval_args)
-    cli(args, "eval", *common(args), "--baseline", "frozen", "--probe", "primaps-em", extra=args.eval_args)
+        if args.dry_run:
+            continue
+        for ck, _, name in checkpoints(args, c):
+            if name == f"{c}-{ck}":
+                cli(args, "eval", *common(args), "--trained", c, "--checkpoint", ck,
+                    extra=args.eval_args)
+    if args.primaps_em:
+        cli(args, "eval", *common(args), "--baseline", "frozen", "--probe", "primaps-em",
+            extra=args.eval_args)
+        for c in args.criteria:
+            cli(args, "eval", *common(args), "--trained", c, "--probe", "primaps-em",
+                extra=args.eval_args)
     if args.dry_run:
         return
-    lines = ["acc / mIoU (x100) on the evaluation split; trained = probes trained with the model, "
-             "refit = k-means + linear probe fitted on the model's training code like the baseline, "
-             "PriMaPs-EM = cluster probe fitted by PriMaPs-EM on the model's training code.", "",
-             "| features | cluster (trained) | linear (trained) | cluster (refit) | linear (refit) | "
-             "cluster (PriMaPs-EM) | cluster + CRF (refit) |", "|---|---|---|---|---|---|---|"]
-    fz, fz_em = metrics(args, "frozen"), metrics(args, "frozen-primaps-em")
-    lines.append(f"| frozen | - | - | {cell(fz, 'cluster')} | {cell(fz, 'linear')} | "
-                 f"{cell(fz_em, 'cluster')} | {cell(fz, 'cluster', True)} |")
+    emit(args, train_eval_table(args))
+
+
+def train_eval_table(args: argparse.Namespace) -> list[str]:
+    fz = metrics(args, "frozen")
+    lines = ["acc / mIoU (%) on the evaluation split, k-means and a converged linear probe fitted "
+             "on each model's training-split code; checkpoints chosen on held-out *training* "
+             "images (best: held-out cluster mIoU; labelfree: the rank rule).", "",
+             "| features | checkpoint (step) | held-out cluster mIoU | cluster | cluster + CRF | "
+             "linear | linear + CRF |", "|---|---|---|---|---|---|---|"]
+    frozen_hold = None
+    rows_iou = [("frozen", fz)]
     for c in args.criteria:
-        t, r, e = metrics(args, c), metrics(args, f"{c}-refit"), metrics(args, f"{c}-primaps-em")
-        lines.append(f"| {c}-trained | {cell(t, 'cluster')} | {cell(t, 'linear')} | "
-                     f"{cell(r, 'cluster')} | {cell(r, 'linear')} | {cell(e, 'cluster')} | "
-                     f"{cell(r, 'cluster', True)} |")
-    emit(args, lines)
+        sel = selection(args, c)
+        frozen_hold = sel["frozen"]["cluster_miou"]
+        records = {json.loads(r)["step"]: json.loads(r) for r in
+                   (out_dir(args) / "train" / c / "selection.jsonl").read_text().splitlines() if r.strip()}
+        for ck, step, name in checkpoints(args, c):
+            m = metrics(args, name)
+            if ck == "best":
+                rows_iou.append((f"{c} ({ck})", m))
+            hold = records.get(step, {}).get("cluster_miou")
+            lines.append(f"| {c}-trained | {ck} ({step}) | {fmt(hold)} | {cell(m, 'cluster')} | "
+                         f"{cell(m, 'cluster', True)} | {cell(m, 'linear')} | {cell(m, 'linear', True)} |")
+    lines.insert(4, f"| frozen | - | {fmt(frozen_hold)} | {cell(fz, 'cluster')} | "
+                    f"{cell(fz, 'cluster', True)} | {cell(fz, 'linear')} | {cell(fz, 'linear', True)} |")
+    names = fz["class_names"]
+    lines += ["", "Per-class cluster IoU (%, no CRF):", "",
+              "| features | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, m in rows_iou:
+        ious = m["no_crf"]["per_class_iou"]["cluster"]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in ious) + " |")
+    if args.primaps_em:
+        lines += ["", "| features | cluster probe | cluster | cluster + CRF |", "|---|---|---|---|"]
+        pairs = [("frozen", "frozen", "frozen-primaps-em")]
+        pairs += [(f"{c} (best)", checkpoints(args, c)[0][2], f"{c}-best-primaps-em")
+                  for c in args.criteria]
+        for label, km, em in pairs:
+            for probe, name in (("k-means", km), ("PriMaPs-EM", em)):
+                m = metrics(args, name)
+                lines.append(f"| {label} | {probe} | {cell(m, 'cluster')} | {cell(m, 'cluster', True)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,9 +210,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mine-args", default="", help="extra flags for every mine command")
     p.add_argument("--train-args", default="", help="extra flags for every train command")
     p.add_argument("--eval-args", default="", help="extra flags for every eval command")
+    p.add_argument("--checkpoints", nargs="+", default=["best", "last"],
+                   choices=("best", "last", "labelfree"), help="train-eval: checkpoints per run")
+    p.add_argument("--primaps-em", action="store_true",
+                   help="train-eval: also a PriMaPs-EM cluster probe on the frozen and trained code")
+    p.add_argument("--table-only", action="store_true",
+                   help="train-eval: print the table from existing results, run nothing")
     p.add_argument("--md", default=None, help="also write the Markdown table to this file")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
+    if args.what == "train-eval" and args.table_only:
+        emit(args, train_eval_table(args))
+        return
     {"audit": do_audit, "probes": do_probes, "train-eval": do_train_eval}[args.what](args)
 
 

@@ -361,12 +361,12 @@ def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
         X = _training_crops(store, cfg.seed, source)
         with timed(f"PriMaPs-EM on {source.name}", log), \
                 progress(total=params.steps, desc="primaps-em", unit="step") as bar:
-            def progress(step: int, loss: float) -> None:
+            def on_step(step: int, loss: float) -> None:
                 bar.update(1)
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-            protos, info = primaps.fit_primaps_em(X, k, cfg.seed, params, progress=progress)
+            protos, info = primaps.fit_primaps_em(X, k, cfg.seed, params, progress=on_step)
         cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
         with torch.no_grad():
             cluster.centroids.copy_(torch.from_numpy(protos))

@@ -355,10 +355,10 @@ def test_seed_probe_on_a_trained_run_keeps_its_linear_probe(store_dir):
     store = FeatureStore(out)
     c, lin = _random_probes(store, 21)
     _checkpoint(out / "train" / "rand" / "last.pt", store, c, lin)
-    plain = evaluate.run(EvalConfig(out=str(out), trained="rand", crf=False, n_show=0))
-    rep = evaluate.run(EvalConfig(out=str(out), trained="rand", probe="primaps-em", em_steps=40,
-                                  crf=False, n_show=0))
-    assert rep["name"] == "rand-primaps-em" and rep["probes"] == "trained"
+    kw = dict(out=str(out), trained="rand", checkpoint="last", probes="trained", crf=False, n_show=0)
+    plain = evaluate.run(EvalConfig(**kw))
+    rep = evaluate.run(EvalConfig(**kw, probe="primaps-em", em_steps=40))
+    assert rep["name"] == "rand-last-trained-probes-primaps-em" and rep["probes"] == "trained"
     assert rep["model"]["cluster_probe"]["crops"] == N_TRAIN
     assert rep["no_crf"]["cluster_miou"] > 90 > plain["no_crf"]["cluster_miou"]
     assert rep["no_crf"]["linear_acc"] == plain["no_crf"]["linear_acc"] < 80

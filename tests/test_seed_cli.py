@@ -29,7 +29,10 @@ def cache(fake_cache, tmp_path_factory):
     make_store(fake_cache, out)
     root = zarr.open_group(str(out / "features.zarr"), mode="r+")
     root.attrs["manifest"] = {**root.attrs["manifest"], "seed": BACKBONE_SEED}  # train reloads it
-    common = ("--batch-size", 8, "--anchors-per-image", "1/4", "--epochs", 2, "--seed", 0)
+    # --holdout 0: all 40 crops mined (with the default 0.1 the smaller seeded sample sends the
+    # one-run k-means of these tiny, 3-class crops into a local minimum that splits one class and merges two)
+    common = ("--batch-size", 8, "--anchors-per-image", "1/4", "--epochs", 2, "--seed", 0,
+              "--holdout", 0)
     invoke("mine", "--out", out, "--criterion", "kmeans", *common)
     return out, common
 
@@ -69,7 +72,7 @@ def test_criterion_through_every_stage(cache, tmp_path, criterion, probe, probe_
     assert criterion in printed
     runs = {r["name"]: r for r in json.loads(report.read_text())["runs"]}
     assert runs[criterion]["criterion"] == criterion
-    assert runs[criterion]["tp_in_p"] > 95 and runs[criterion]["recall"] > 90, runs[criterion]
+    assert runs[criterion]["tp_in_p"] > 95 and runs[criterion]["recall"] > 90, {n: (r["tp_in_p"], r["recall"]) for n, r in runs.items()}
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
     shown = invoke("show", "--out", out, "--mined", criterion, "--random", 2, "--dest", tmp_path / "show")
@@ -81,8 +84,8 @@ def test_criterion_through_every_stage(cache, tmp_path, criterion, probe, probe_
     assert len(rows) == len(shards) and all(np.isfinite(r["loss"]) and r["mean_pos"] > 0 for r in rows)
     assert torch.load(out / "train" / criterion / "last.pt", weights_only=False)["finished"]
 
-    invoke("eval", "--out", out, "--trained", criterion, "--probe", probe, *probe_args,
-           "--no-crf", "--n-show", 1)
-    m = json.loads((out / "eval" / f"{criterion}-{probe}" / "metrics.json").read_text())
+    invoke("eval", "--out", out, "--trained", criterion, "--checkpoint", "last", "--probe", probe,
+           *probe_args, "--no-crf", "--n-show", 1)
+    m = json.loads((out / "eval" / f"{criterion}-last-{probe}" / "metrics.json").read_text())
     assert m["cluster_probe"] == probe and m["model"]["cluster_probe"]["method"] == probe
     assert m["n_clusters"] == K and 0 <= m["no_crf"]["cluster_miou"] <= 100
