@@ -111,6 +111,11 @@ def do_probes(args: argparse.Namespace) -> None:
     emit(args, lines)
 
 
+def run_of(args: argparse.Namespace, criterion: str) -> str:
+    """Training run of a criterion: `<out>/train/<criterion>` unless --run CRITERION=RUN."""
+    return dict(x.split("=", 1) for x in args.run).get(criterion, criterion)
+
+
 def selection(args: argparse.Namespace, run: str) -> dict:
     return json.loads((out_dir(args) / "train" / run / "selection.json").read_text())
 
@@ -133,25 +138,33 @@ def checkpoints(args: argparse.Namespace, run: str) -> list[tuple[str, int, str]
     return out
 
 
+def eval_once(args: argparse.Namespace, name: str, *argv: str) -> None:
+    """`ppap-pipe eval ...` unless eval/<name>/metrics.json exists (--redo-eval: always)."""
+    if args.redo_eval or not (out_dir(args) / "eval" / name / "metrics.json").exists():
+        cli(args, "eval", *common(args), *argv, extra=args.eval_args)
+    else:
+        print(f"# eval/{name} exists; kept (--redo-eval to recompute)", flush=True)
+
+
 def do_train_eval(args: argparse.Namespace) -> None:
     """Issue-8 protocol: mine, train with held-out selection, evaluate best/last (probes refitted
     on the model's training-split code), frozen baseline with the same probes."""
-    cli(args, "eval", *common(args), "--baseline", "frozen", extra=args.eval_args)
+    eval_once(args, "frozen", "--baseline", "frozen")
     for c in args.criteria:
+        run = run_of(args, c)
         cli(args, "mine", *common(args), "--criterion", c, "--name", c, extra=args.mine_args)
-        cli(args, "train", *common(args), "--mined", c, "--name", c, extra=args.train_args)
+        if run == c:  # a run given by --run was trained already (e.g. by sweep-train)
+            cli(args, "train", *common(args), "--mined", c, "--name", c, extra=args.train_args)
         if args.dry_run:
             continue
-        for ck, _, name in checkpoints(args, c):
-            if name == f"{c}-{ck}":
-                cli(args, "eval", *common(args), "--trained", c, "--checkpoint", ck,
-                    extra=args.eval_args)
+        for ck, _, name in checkpoints(args, run):
+            if name == f"{run}-{ck}":
+                eval_once(args, name, "--trained", run, "--checkpoint", ck)
     if args.primaps_em:
-        cli(args, "eval", *common(args), "--baseline", "frozen", "--probe", "primaps-em",
-            extra=args.eval_args)
+        eval_once(args, "frozen-primaps-em", "--baseline", "frozen", "--probe", "primaps-em")
         for c in args.criteria:
-            cli(args, "eval", *common(args), "--trained", c, "--probe", "primaps-em",
-                extra=args.eval_args)
+            run = run_of(args, c)
+            eval_once(args, f"{run}-best-primaps-em", "--trained", run, "--probe", "primaps-em")
     if args.dry_run:
         return
     emit(args, train_eval_table(args))
@@ -167,16 +180,17 @@ def train_eval_table(args: argparse.Namespace) -> list[str]:
     frozen_hold = None
     rows_iou = [("frozen", fz)]
     for c in args.criteria:
-        sel = selection(args, c)
+        run = run_of(args, c)
+        sel = selection(args, run)
         frozen_hold = sel["frozen"]["cluster_miou"]
         records = {json.loads(r)["step"]: json.loads(r) for r in
-                   (out_dir(args) / "train" / c / "selection.jsonl").read_text().splitlines() if r.strip()}
-        for ck, step, name in checkpoints(args, c):
+                   (out_dir(args) / "train" / run / "selection.jsonl").read_text().splitlines() if r.strip()}
+        for ck, step, name in checkpoints(args, run):
             m = metrics(args, name)
             if ck == "best":
                 rows_iou.append((f"{c} ({ck})", m))
             hold = records.get(step, {}).get("cluster_miou")
-            lines.append(f"| {c}-trained | {ck} ({step}) | {fmt(hold)} | {cell(m, 'cluster')} | "
+            lines.append(f"| {c}-trained (`{run}`) | {ck} ({step}) | {fmt(hold)} | {cell(m, 'cluster')} | "
                          f"{cell(m, 'cluster', True)} | {cell(m, 'linear')} | {cell(m, 'linear', True)} |")
     lines.insert(4, f"| frozen | - | {fmt(frozen_hold)} | {cell(fz, 'cluster')} | "
                     f"{cell(fz, 'cluster', True)} | {cell(fz, 'linear')} | {cell(fz, 'linear', True)} |")
@@ -189,7 +203,8 @@ def train_eval_table(args: argparse.Namespace) -> list[str]:
     if args.primaps_em:
         lines += ["", "| features | cluster probe | cluster | cluster + CRF |", "|---|---|---|---|"]
         pairs = [("frozen", "frozen", "frozen-primaps-em")]
-        pairs += [(f"{c} (best)", checkpoints(args, c)[0][2], f"{c}-best-primaps-em")
+        pairs += [(f"{c} (best)", checkpoints(args, run_of(args, c))[0][2],
+                   f"{run_of(args, c)}-best-primaps-em")
                   for c in args.criteria]
         for label, km, em in pairs:
             for probe, name in (("k-means", km), ("PriMaPs-EM", em)):
@@ -210,10 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mine-args", default="", help="extra flags for every mine command")
     p.add_argument("--train-args", default="", help="extra flags for every train command")
     p.add_argument("--eval-args", default="", help="extra flags for every eval command")
+    p.add_argument("--run", nargs="+", default=[], metavar="CRITERION=RUN",
+                   help="train-eval: use an existing training run for a criterion (e.g. a "
+                        "sweep-train run: ppap=tau-tau0.1) instead of training train/<criterion>")
     p.add_argument("--checkpoints", nargs="+", default=["best", "last"],
                    choices=("best", "last", "labelfree"), help="train-eval: checkpoints per run")
     p.add_argument("--primaps-em", action="store_true",
                    help="train-eval: also a PriMaPs-EM cluster probe on the frozen and trained code")
+    p.add_argument("--redo-eval", action="store_true",
+                   help="train-eval: recompute evaluations that exist already")
     p.add_argument("--table-only", action="store_true",
                    help="train-eval: print the table from existing results, run nothing")
     p.add_argument("--md", default=None, help="also write the Markdown table to this file")
