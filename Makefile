@@ -1,7 +1,8 @@
 # ppap-pipe: `make features mine train eval` runs the pipeline (default: embedded demo data);
 # `make test` runs the test suite. Both create .venv and install the project on first use.
 #   make features mine train eval PRESET=camvid            # CamVid from ../shared/camvid
-#   make mine PRESET=camvid MINE_ARGS="--phi0 0.9 --psi0 0.6 --name ppap_b"
+#   make mine PRESET=camvid MINE_ARGS="--phi0 0.9 --psi0 0.6 --plans 2 --name ppap_b"
+#   make eval PRESET=camvid EVAL_ARGS="--crf-workers 2 --checkpoint last"
 PYTHON   ?= python3
 VENV     ?= .venv
 PRESET   ?= demo

@@ -67,6 +67,17 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+def _deprecated(stage: str, old: str, old_value, new: str, new_value):
+    """The value of option `new`, also given under its former name `old` (with a warning)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != old_value:
+        raise ValueError(f"{old} {old_value} and {new} {new_value} name the same option of "
+                         f"`{stage}` ({old} is its former name); keep only {new}")
+    log.warning("%s: %s is deprecated, use %s (same meaning)", stage, old, new)
+    return old_value
+
+
 def _resolve(cls, stage: str, preset, config, **flags):
     flags["out"] = _default_out(preset, flags.get("out"))
     return resolve(cls, preset=preset, config_file=config, stage=stage, **flags)
@@ -129,7 +140,8 @@ def mine(
     sigma_amb: Optional[float] = typer.Option(None, help="σamb: Ψ += d/σamb."),
     batch_size: Optional[int] = typer.Option(None, help="Crops per mined batch."),
     anchors_per_image: Optional[str] = typer.Option(None, help="Fraction of patches as anchors, e.g. 1/16, or 'all'."),
-    epochs: Optional[int] = typer.Option(None, help="Batch plans to mine (one seeded permutation each)."),
+    plans: Optional[int] = typer.Option(None, help="Batch plans to mine (one seeded permutation each)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Deprecated: use --plans."),
     holdout: Optional[float] = typer.Option(None, help="Fraction of training images (whole, seeded) kept out of mining and training, for selection (0.1)."),
     hp_pool_size: Optional[int] = typer.Option(None, help="HP criterion reference pool size R."),
     kmeans_k: Optional[int] = typer.Option(None, help="Clusters of kmeans, class prototypes of primaps, clusters of eigen (default: classes)."),
@@ -151,7 +163,8 @@ def mine(
     cfg = _resolve(MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
                    phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
                    sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
-                   epochs=epochs, holdout=holdout, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k,
+                   plans=_deprecated("mine", "--epochs", epochs, "--plans", plans),
+                   holdout=holdout, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k,
                    primaps_psi=primaps_psi, primaps_coverage=primaps_coverage, eigen_dim=eigen_dim,
                    eigen_steps=eigen_steps, eigen_kernel_power=eigen_kernel_power, backend=backend,
                    mem_budget_mb=mem_budget_mb, workers=workers, scheduler=scheduler,
@@ -250,7 +263,8 @@ def evaluate(
     trained: Optional[str] = typer.Option(None, help="Training run to evaluate (name under out/train/)."),
     baseline: Optional[str] = typer.Option(None, help="'frozen' evaluates the untrained features instead."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Also report metrics after dense CRF."),
-    workers: Optional[int] = typer.Option(None, help="CRF processes (0 = all cores)."),
+    crf_workers: Optional[int] = typer.Option(None, "--crf-workers", help="CRF processes (0 = all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Deprecated: use --crf-workers."),
     n_show: Optional[int] = typer.Option(None, help="Images in the prediction grid PNG."),
     probes: Optional[str] = typer.Option(
         None, "--probes",
@@ -284,7 +298,9 @@ def evaluate(
     from stages import evaluate as stage
 
     cfg = _resolve(EvalConfig, "eval", preset, config, out=out, trained=trained,
-                   baseline=baseline, crf=crf, workers=workers, n_show=n_show, probes=probes,
+                   baseline=baseline, crf=crf,
+                   crf_workers=_deprecated("eval", "--workers", workers, "--crf-workers", crf_workers),
+                   n_show=n_show, probes=probes,
                    checkpoint=checkpoint, probe=probe, primaps_psi=primaps_psi,
                    primaps_coverage=primaps_coverage, em_steps=em_steps, eigen_dim=eigen_dim,
                    eigen_steps=eigen_steps, eigen_kernel_power=eigen_kernel_power, device=device,

@@ -8,45 +8,65 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
+log = logging.getLogger("ppap.config")
+
 # ---------------------------------------------------------------------------------------
 # Presets (docs/method.md §4 for the paper's; §9 for DINOv2 thresholds on CamVid/demo).
-# A preset is a flat mapping; every stage config takes the keys it knows.
+# A preset holds one table per stage (`features`, `mine`, `train`, `eval`); a stage config
+# takes only its own table, so a key means one thing (the mining batch is not the forward-pass
+# batch, mined plans are not training epochs). Every key must be a field of that stage's config
+# (checked by `resolve`). dataset/backbone belong to `features` only: the later stages read them
+# from the feature cache's manifest.
 # ---------------------------------------------------------------------------------------
 
-_PAPER_TRAIN = dict(batch_size=64, grad_clip=10.0, probe_lr=1e-3, cluster_lr=1e-3)
+PRESET_TABLES = ("features", "mine", "train", "eval")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "cocostuff27-vits8": dict(
-        dataset="cocostuff27", backbone="dino_vits8", phi0=0.55, psi0=0.20, prop_iters=2,
-        sigma_pos=3.0, sigma_amb=3.0, tau=0.8, anchors_per_image="1/16", epochs=5,
-        optimizer="adamw", lr=1e-3, weight_decay=0.1, **{**_PAPER_TRAIN, "cluster_lr": 5e-3},
-    ),
-    "cocostuff27-vits16": dict(
-        dataset="cocostuff27", backbone="dino_vits16", phi0=0.55, psi0=0.15, prop_iters=2,
-        sigma_pos=3.0, sigma_amb=4.0, tau=0.8, anchors_per_image="1/4", epochs=5,
-        optimizer="adamw", lr=1e-3, weight_decay=0.01, **_PAPER_TRAIN,
-    ),
-    "cityscapes-vitb8": dict(
-        dataset="cityscapes", backbone="dino_vitb8", phi0=0.60, psi0=0.20, prop_iters=3,
-        sigma_pos=3.0, sigma_amb=2.0, tau=0.1, anchors_per_image="1/16", epochs=30,
-        optimizer="adam", lr=1e-3, weight_decay=0.0, **_PAPER_TRAIN,
-    ),
-    "cityscapes-vits8": dict(
-        dataset="cityscapes", backbone="dino_vits8", phi0=0.60, psi0=0.20, prop_iters=3,
-        sigma_pos=3.0, sigma_amb=3.0, tau=0.8, anchors_per_image="1/16", epochs=30,
-        optimizer="adam", lr=1e-3, weight_decay=0.0, **_PAPER_TRAIN,
-    ),
-    "potsdam-vitb8": dict(
-        dataset="potsdam", backbone="dino_vitb8", phi0=0.55, psi0=0.15, prop_iters=1,
-        sigma_pos=5.0, sigma_amb=3.0, tau=0.07, anchors_per_image="1/16", epochs=40,
-        optimizer="adam", lr=5e-4, weight_decay=0.0, **_PAPER_TRAIN,
-    ),
+_PAPER_MINE = dict(batch_size=64)  # crops per mined batch = per training step
+_PAPER_TRAIN = dict(grad_clip=10.0, probe_lr=1e-3, cluster_lr=1e-3)
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cocostuff27-vits8": {
+        "features": dict(dataset="cocostuff27", backbone="dino_vits8"),
+        "mine": dict(phi0=0.55, psi0=0.20, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
+                     anchors_per_image="1/16", plans=5, **_PAPER_MINE),
+        "train": dict(tau=0.8, epochs=5, optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                      **{**_PAPER_TRAIN, "cluster_lr": 5e-3}),
+    },
+    "cocostuff27-vits16": {
+        "features": dict(dataset="cocostuff27", backbone="dino_vits16"),
+        "mine": dict(phi0=0.55, psi0=0.15, prop_iters=2, sigma_pos=3.0, sigma_amb=4.0,
+                     anchors_per_image="1/4", plans=5, **_PAPER_MINE),
+        "train": dict(tau=0.8, epochs=5, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                      **_PAPER_TRAIN),
+    },
+    "cityscapes-vitb8": {
+        "features": dict(dataset="cityscapes", backbone="dino_vitb8"),
+        "mine": dict(phi0=0.60, psi0=0.20, prop_iters=3, sigma_pos=3.0, sigma_amb=2.0,
+                     anchors_per_image="1/16", plans=30, **_PAPER_MINE),
+        "train": dict(tau=0.1, epochs=30, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                      **_PAPER_TRAIN),
+    },
+    "cityscapes-vits8": {
+        "features": dict(dataset="cityscapes", backbone="dino_vits8"),
+        "mine": dict(phi0=0.60, psi0=0.20, prop_iters=3, sigma_pos=3.0, sigma_amb=3.0,
+                     anchors_per_image="1/16", plans=30, **_PAPER_MINE),
+        "train": dict(tau=0.8, epochs=30, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                      **_PAPER_TRAIN),
+    },
+    "potsdam-vitb8": {
+        "features": dict(dataset="potsdam", backbone="dino_vitb8"),
+        "mine": dict(phi0=0.55, psi0=0.15, prop_iters=1, sigma_pos=5.0, sigma_amb=3.0,
+                     anchors_per_image="1/16", plans=40, **_PAPER_MINE),
+        "train": dict(tau=0.07, epochs=40, optimizer="adam", lr=5e-4, weight_decay=0.0,
+                      **_PAPER_TRAIN),
+    },
     # DINOv2 features share a large common component (median pairwise cosine 0.47 on
     # CamVid), so the DINO v1 thresholds collapse; 0.95/0.70 was picked with the audit
     # sweep on CamVid *training* crops (docs/method.md §9), never on the evaluation split.
@@ -57,18 +77,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Training recipe (tau 0.1, AdamW 1e-3, 2 epochs, selection every 10 steps): chosen by
     # `sweep-train` on held-out *training* images (README, "choosing the training recipe"):
     # tau 0.8 collapses the code (held-out effective rank 0.5x frozen), tau <= 0.2 does not.
-    "camvid": dict(
-        dataset="camvid", data_root="../shared/camvid", backbone="dinov2_vits14_offline",
-        phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, tau=0.1,
-        anchors_per_image="1/16", epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-        eigen_kernel_power=4.0, select_every=10, **_PAPER_TRAIN,
-    ),
-    "demo": dict(
-        dataset="demo", backbone="dinov2_vits14_offline",
-        phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, tau=0.1,
-        anchors_per_image="1/16", epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-        eigen_kernel_power=4.0, select_every=10, **{**_PAPER_TRAIN, "batch_size": 16},
-    ),
+    "camvid": {
+        "features": dict(dataset="camvid", data_root="../shared/camvid",
+                         backbone="dinov2_vits14_offline"),
+        "mine": dict(phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
+                     anchors_per_image="1/16", plans=2, eigen_kernel_power=4.0, **_PAPER_MINE),
+        "train": dict(tau=0.1, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                      select_every=10, **_PAPER_TRAIN),
+        "eval": dict(eigen_kernel_power=4.0),
+    },
+    "demo": {
+        "features": dict(dataset="demo", backbone="dinov2_vits14_offline"),
+        "mine": dict(phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
+                     anchors_per_image="1/16", plans=2, eigen_kernel_power=4.0, batch_size=16),
+        "train": dict(tau=0.1, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                      select_every=10, **_PAPER_TRAIN),
+        "eval": dict(eigen_kernel_power=4.0),
+    },
 }
 
 
@@ -187,7 +212,7 @@ class MineConfig:
     sigma_amb: float = 4.0  # Ψ += d / σamb
     batch_size: int = 64  # images (crops) per mined batch
     anchors_per_image: str = "1/4"  # fraction of each crop's patches used as anchors, or 'all'
-    epochs: int = 1  # number of batch plans (one seeded permutation per planned epoch)
+    plans: int = 1  # number of batch plans (one seeded permutation each; training epoch e uses plan e)
     seed: int = 0
     # fraction of training source images (whole images, seeded by `seed`) kept out of mining
     # and training; `train` scores checkpoints on them to select without the evaluation split
@@ -217,7 +242,7 @@ class MineConfig:
         if self.kmeans_k is not None and self.kmeans_k <= 1:
             raise ValueError(f"kmeans_k={self.kmeans_k} must be at least 2")
         _check_seed_system(self)
-        for name in ("batch_size", "epochs", "hp_pool_size", "mem_budget_mb"):
+        for name in ("batch_size", "plans", "hp_pool_size", "mem_budget_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         parse_fraction(self.anchors_per_image)
@@ -337,7 +362,7 @@ class EvalConfig:
     trained: str | None = "ppap"  # training run under out/train/ (ignored for --baseline frozen)
     baseline: str = "none"  # none | frozen
     crf: bool = True
-    workers: int = 0  # processes for the CRF (0 = all cores)
+    crf_workers: int = 0  # processes for the CRF (0 = all cores)
     device: str = "cpu"
     seed: int = 0
     n_show: int = 6  # images in the prediction grid
@@ -361,8 +386,8 @@ class EvalConfig:
                              "run) or 'refit' (fitted on its training-split code like the baseline)")
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint={self.checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
-        if self.workers < 0:
-            raise ValueError(f"workers={self.workers} must be >= 0")
+        if self.crf_workers < 0:
+            raise ValueError(f"crf_workers={self.crf_workers} must be >= 0 (0 = all cores)")
         if self.probe not in PROBES:
             raise ValueError(f"probe={self.probe!r}: choose one of {', '.join(PROBES)}")
         if self.em_steps < 0:
@@ -421,9 +446,76 @@ STAGE_CONFIGS = {
     "sweep-train": SweepConfig,
 }
 
+# Former option names still accepted (with a warning) in a config file's [stage] table and on
+# that stage's command line: {stage: {old name: new name}}.
+DEPRECATED_NAMES: dict[str, dict[str, str]] = {
+    "mine": {"epochs": "plans"},
+    "eval": {"workers": "crf_workers"},
+}
+
+
+def stage_of(cls: type) -> str | None:
+    """The stage (command) name of a config class, e.g. MineConfig -> 'mine'."""
+    return next((k for k, v in STAGE_CONFIGS.items() if v is cls), None)
+
+
+def preset_values(preset: str, cls: type) -> dict[str, Any]:
+    """The `cls` stage's table of `preset` (empty for stages a preset does not set)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    tables = PRESETS[preset]
+    bad_tables = sorted(set(tables) - set(PRESET_TABLES))
+    if bad_tables:
+        raise ValueError(f"preset {preset!r} has unknown table(s) {bad_tables}; "
+                         f"tables are {', '.join(PRESET_TABLES)}")
+    stage = stage_of(cls)
+    table = dict(tables.get(stage, {})) if stage else {}
+    bad = sorted(set(table) - {f.name for f in fields(cls)})
+    if bad:
+        raise ValueError(f"preset {preset!r}: [{stage}] has unknown option(s) {bad}; "
+                         f"the names are the fields of {cls.__name__}")
+    return table
+
+
+def upgrade_names(stage: str, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Rename deprecated option names of `stage` (DEPRECATED_NAMES) in `values`, warning once
+    per name; giving both the old and the new name with different values is refused."""
+    out = dict(values)
+    for old, new in DEPRECATED_NAMES.get(stage, {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise ValueError(f"{where}: {old}={value!r} and {new}={out[new]!r} name the same "
+                             f"option ({old} is its former name); keep only {new}")
+        log.warning("%s: %r is deprecated for `%s`, use %r (same meaning)", where, old, stage, new)
+        out[new] = value
+    return out
+
+
+def mine_config_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    """MineConfig fields of a mined run's config.json (runs mined before the rename say
+    `epochs` for `plans`); other keys are dropped."""
+    d = dict(d)
+    if "plans" not in d and "epochs" in d:
+        d["plans"] = d["epochs"]
+    names = {f.name for f in fields(MineConfig)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def mined_plans(d: Mapping[str, Any]) -> int | None:
+    """Batch plans a mined run's config.json asked for (`plans`, or `epochs` before the rename)."""
+    value = d.get("plans", d.get("epochs"))
+    return None if value is None else int(value)
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML or JSON mapping; a [stage] table overrides the flat keys for that stage."""
+    """Read a flat TOML or JSON mapping; a [stage] table overrides the flat keys for that stage.
+
+    A flat key applies to every stage whose config has a field of that name (e.g. `seed`,
+    `device`); names that mean different things per stage are distinct (`plans` of mine vs
+    `epochs` of train, `workers` = dask processes vs `crf_workers` of eval).
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist; pass an existing .toml or .json file")
@@ -452,7 +544,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {str(p)!r} has unknown table(s) {['[' + t + ']' for t in unknown]}; "
             f"tables are named after stages: {', '.join('[' + t + ']' for t in STAGE_CONFIGS)}")
     for stage, table in tables.items():
-        names = {f.name for f in fields(STAGE_CONFIGS[stage])}
+        names = {f.name for f in fields(STAGE_CONFIGS[stage])} | set(DEPRECATED_NAMES.get(stage, {}))
         bad = sorted(set(table) - names)
         if bad:
             raise ValueError(
@@ -522,16 +614,20 @@ def resolve(
     stage: str | None = None,
     **overrides: Any,
 ):
-    """defaults <- preset <- config file <- CLI overrides (None means 'not given')."""
+    """defaults <- preset <- config file <- CLI overrides (None means 'not given').
+
+    The preset contributes its table for this config's stage only (`preset_values`); a config
+    file its flat keys that are fields of `cls`, then its `[stage]` table (deprecated names of
+    that stage are renamed, with a warning: `upgrade_names`).
+    """
     names = {f.name for f in fields(cls)}
     merged: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-        merged.update({k: v for k, v in PRESETS[preset].items() if k in names})
+        merged.update(preset_values(preset, cls))
     if config_file is not None:
         data = load_config_file(config_file)
         section = data.get(stage, {}) if stage else {}
+        section = upgrade_names(stage, section, f"config file {str(config_file)!r} [{stage}]")
         flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
         unknown = set(flat) - _all_option_names()
         if unknown:

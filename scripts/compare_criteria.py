@@ -10,7 +10,7 @@ redone (every stage resumes), so rerunning after an interruption only does what 
     # 2. cluster probes on the frozen features: k-means vs PriMaPs-EM vs eigenfunctions
     python scripts/compare_criteria.py probes --preset camvid --out data_cache/camvid
 
-    # 3. train/eval table: mine the preset's epochs, train on every criterion (held-out selection),
+    # 3. train/eval table: mine the preset's plans, train on every criterion (held-out selection),
     #    evaluate its best and last checkpoints with probes refitted on its code, and the frozen
     #    baseline; --primaps-em adds a PriMaPs-EM cluster probe for every model
     python scripts/compare_criteria.py train-eval --preset camvid --out data_cache/camvid \
@@ -19,7 +19,7 @@ redone (every stage resumes), so rerunning after an interruption only does what 
 Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
 through, quoted), --checkpoints (train-eval: best last labelfree), --table-only, --md FILE (also write the table there), --dry-run (print the commands).
 Mined sets are named after the criterion (`<out>/mine/<criterion>`), except that `audit` mines
-`--epochs 1` into `<out>/mine/audit-<criterion>` so it never clashes with a full run; training
+`--plans 1` into `<out>/mine/audit-<criterion>` so it never clashes with a full run; training
 runs are `<out>/train/<criterion>`.
 """
 
@@ -66,7 +66,7 @@ def fmt(v, spec: str = ".1f") -> str:
 def do_audit(args: argparse.Namespace) -> None:
     names = [f"audit-{c}" for c in args.criteria]
     for c, name in zip(args.criteria, names):
-        cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--epochs", "1",
+        cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--plans", "1",
             extra=args.mine_args)
     json_path = out_dir(args) / "audit" / "criteria.json"
     mined = [x for n in names for x in ("--mined", n)]

@@ -26,7 +26,7 @@ from pipeline.audit import (
     AnchorStats, anchor_stats, batch_stats, concat, fig1b_curve, format_table, parse_sweep,
     sample_positions, subset_shard, summarise, sweep_points,
 )
-from pipeline.config import AuditConfig, MineConfig, PRESETS, parse_fraction, to_dict
+from pipeline.config import AuditConfig, MineConfig, PRESETS, mine_config_dict, parse_fraction, preset_values, to_dict
 from pipeline.executor import timed
 from pipeline.featstore import FeatureStore
 from pipeline.integrity import hold_lock, releases_locks, require_device
@@ -181,14 +181,14 @@ def _plan_from_batching(cfg: AuditConfig, store: FeatureStore, base: MineConfig)
 
 
 def _mine_config(d: dict[str, Any]) -> MineConfig:
-    names = {f.name for f in dataclasses.fields(MineConfig)}
-    return MineConfig(**{k: v for k, v in d.items() if k in names})
+    return MineConfig(**mine_config_dict(d))
 
 
 def _matching_preset(manifest: dict[str, Any]) -> str | None:
     """The one preset made for this cache's dataset and backbone, if exactly one is."""
     hits = [n for n, p in PRESETS.items()
-            if p.get("dataset") == manifest.get("dataset") and p.get("backbone") == manifest.get("backbone")]
+            if p.get("features", {}).get("dataset") == manifest.get("dataset")
+            and p.get("features", {}).get("backbone") == manifest.get("backbone")]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -201,8 +201,7 @@ def sweep_setup(cfg: AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, 
         log.info("sweep: base parameters from mined run %r", base_run.name)
     else:
         preset = _matching_preset(manifest)
-        names = {f.name for f in dataclasses.fields(MineConfig)}
-        values = {k: v for k, v in PRESETS.get(preset, {}).items() if k in names}
+        values = preset_values(preset, MineConfig) if preset else {}
         base = MineConfig(**{**values, "seed": cfg.seed})
         log.info("sweep: base parameters from %s (no mined ppap/p0 run given)",
                  f"preset {preset!r}" if preset else "the defaults")

@@ -418,7 +418,7 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
     size = (int(g["labels"].shape[-2]), int(g["labels"].shape[-1]))  # labels and rgb: S x S
     per_step = max(1, (UPSAMPLE_BUDGET_MB << 20) // (store.embed_dim * size[0] * size[1] * 4))
 
-    pool = CRFPool(cfg.workers) if cfg.crf else None
+    pool = CRFPool(cfg.crf_workers) if cfg.crf else None
     window = 2 * pool.workers if pool else 0
     pending: dict[int, Future] = {}
     crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)

@@ -83,7 +83,7 @@ def _params(cfg: MineConfig) -> mining.MineParams:
 
 
 def _identity(cfg: MineConfig, store: FeatureStore) -> dict[str, Any]:
-    """Everything that changes the shards (not: epochs, workers, memory budget)."""
+    """Everything that changes the shards (not: plans, workers, memory budget)."""
     ident: dict[str, Any] = {
         "features_fingerprint": store.fingerprint,
         "criterion": cfg.criterion,
@@ -307,7 +307,7 @@ def _todo(directory: Path, units: list[tuple[int, int]]) -> list[tuple[int, int]
 
 @releases_locks
 def run(cfg: MineConfig) -> dict[str, Any]:
-    """Mine every (epoch, batch) of `cfg.epochs` batch plans; resumable; refuses to mix."""
+    """Mine every (epoch, batch) of `cfg.plans` batch plans; resumable; refuses to mix."""
     require_device(cfg.device)
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
     store = _store(cfg.out)
@@ -322,9 +322,9 @@ def run(cfg: MineConfig) -> dict[str, Any]:
             f"mine in {store.path} (holdout={cfg.holdout}); use --batch-size {len(items)} or less"
         )
     held = holdout_items(cfg)
-    log.info("mine %s: criterion=%s epochs=%d batch=%d anchors/img=%s backend=%s device=%s seed=%d "
+    log.info("mine %s: criterion=%s plans=%d batch=%d anchors/img=%s backend=%s device=%s seed=%d "
              "holdout=%s (%d crops kept out for selection)", cfg.run_name, cfg.criterion,
-             cfg.epochs, cfg.batch_size, cfg.anchors_per_image, cfg.backend, cfg.device, cfg.seed,
+             cfg.plans, cfg.batch_size, cfg.anchors_per_image, cfg.backend, cfg.device, cfg.seed,
              cfg.holdout, len(held))
     identity = _identity(cfg, store)
     population = _population(items)
@@ -340,7 +340,7 @@ def run(cfg: MineConfig) -> dict[str, Any]:
         for name in ("hp_pool.npy", "kmeans_centroids.npy"):
             (directory / name).unlink(missing_ok=True)
     criterion_state(cfg, store, directory, repair=True)
-    units = [(e, b) for e in range(cfg.epochs)
+    units = [(e, b) for e in range(cfg.plans)
              for b in range(len(_plan(cfg.seed, e, len(items), cfg.batch_size)))]
     todo = _todo(directory, units)
     log.info("mine %s: %d batches, %d already done", cfg.run_name, len(units), len(units) - len(todo))
@@ -351,7 +351,7 @@ def run(cfg: MineConfig) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["criterion_state"] = state_checksums(directory)
     atomic_write_json(directory / "summary.json", summary)
-    # the manifest says what the directory holds now (extended epochs included)
+    # the manifest says what the directory holds now (extended plans included)
     record = {**record, "config": to_dict(cfg), "items": population,
               "plans": _complete_plans(cfg, directory, len(items))}
     atomic_write_json(directory / "manifest.json", record)

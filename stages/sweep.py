@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
-from pipeline.config import MineConfig, SweepConfig, TrainConfig, resolve, to_dict
+from pipeline.config import MineConfig, SweepConfig, TrainConfig, mine_config_dict, resolve, to_dict
 from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("ppap.sweep")
@@ -87,9 +87,8 @@ def mined_for(cfg: SweepConfig, mine_values: dict[str, Any]) -> str:
     if base.get("criterion") not in ("ppap", "p0"):
         raise ValueError(f"the grid changes mining thresholds, but {cfg.mined!r} was mined with "
                          f"criterion {base.get('criterion')!r}; give a ppap or p0 run as --mined")
-    names = {f.name for f in dataclasses.fields(MineConfig)}
     name = f"{cfg.mined}-{point_label(mine_values)}"
-    mcfg = MineConfig(**{**{k: v for k, v in base.items() if k in names},
+    mcfg = MineConfig(**{**mine_config_dict(base),
                          **mine_values, "name": name, "out": cfg.out, "device": cfg.device,
                          "workers": 0, "scheduler": None})
     mine_stage.run(mcfg)  # resumable: finished shards are skipped

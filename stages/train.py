@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig, config_hash, to_dict
+from pipeline.config import TrainConfig, config_hash, mined_plans, to_dict
 from pipeline.executor import StageInterrupted, timed
 from pipeline.featstore import FeatureStore, take_rows
 from pipeline.integrity import NonFinite, clean_orphans, disk_guard, hold_lock, releases_locks, write_checked
@@ -103,7 +103,7 @@ def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
         valid = g["valid"][:] if "valid" in g else np.ones(store.n("train"), np.uint8)
         index = g["image_index"][:] if "image_index" in g else np.arange(store.n("train"))
         items, held = batching.holdout_split(int(mcfg["seed"]), index, valid, holdout)
-        want_plans = int(mcfg["epochs"])
+        want_plans = mined_plans(mcfg)
         want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, len(items),
                                                int(mcfg["batch_size"])))
     if n_plans == 0 or (want_plans is not None and n_plans < want_plans):

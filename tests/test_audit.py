@@ -306,7 +306,7 @@ def mine_run(out, name: str, criterion: str = "ppap", **kw) -> MineConfig:
     from stages import mine
 
     args = dict(phi0=0.8, psi0=0.5, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, batch_size=4,
-                anchors_per_image="1/4", epochs=1, seed=0, hp_pool_size=8)
+                anchors_per_image="1/4", plans=1, seed=0, hp_pool_size=8)
     cfg = MineConfig(out=str(out), name=name, criterion=criterion, **{**args, **kw})
     mine.run(cfg)
     return cfg

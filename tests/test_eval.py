@@ -94,7 +94,7 @@ def store_dir(fake_cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def frozen_report(store_dir):
     out, _ = store_dir
-    return evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, workers=1, n_show=3, seed=0))
+    return evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, crf_workers=1, n_show=3, seed=0))
 
 
 def _strip(report: dict) -> dict:
@@ -137,7 +137,7 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
 
 def test_frozen_baseline_is_reproducible_and_worker_independent(store_dir, frozen_report, tmp_path):
     out, _ = store_dir
-    again = evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, workers=2, n_show=3, seed=0))
+    again = evaluate.run(EvalConfig(out=str(out), baseline="frozen", crf=True, crf_workers=2, n_show=3, seed=0))
     assert _strip(again) == _strip(frozen_report)
 
 
@@ -184,7 +184,7 @@ def test_trained_at_init_with_baseline_probes_matches_baseline(store_dir, frozen
     store, centroids, linear = frozen_probes
     _checkpoint(out / "train" / "init" / "last.pt", store, centroids, linear)
     rep = evaluate.run(EvalConfig(out=str(out), trained="init", checkpoint="last", probes="trained",
-                                  crf=True, workers=1, n_show=2))
+                                  crf=True, crf_workers=1, n_show=2))
     assert rep["name"] == "init-last-trained-probes"
     assert rep["model"]["checkpoint"].endswith("init/last.pt")
     for tag in ("no_crf", "crf"):

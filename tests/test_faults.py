@@ -49,7 +49,7 @@ THRESH: dict[str, float] = {}
 
 def mcfg(out: Path, **kw) -> MineConfig:
     base = dict(out=str(out), phi0=THRESH["phi0"], psi0=THRESH["psi0"], prop_iters=2,
-                sigma_pos=3.0, sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", epochs=1,
+                sigma_pos=3.0, sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", plans=1,
                 seed=3, backend="torch")
     return MineConfig(**{**base, **kw})
 
@@ -197,7 +197,7 @@ def test_mine_and_train_refuse_an_unfinished_feature_cache(data, cache, tmp_path
 
 def test_mined_sets_of_other_crops_are_refused_and_old_ones_remined(cache, tmp_path):
     out = copy(cache, tmp_path)
-    mine.run(mcfg(out, epochs=2))
+    mine.run(mcfg(out, plans=2))
     mdir = out / "mine" / "ppap"
     man = json.loads((mdir / "manifest.json").read_text())
     assert man["items"]["n"] == 30 and man["plans"] == 2
@@ -207,7 +207,7 @@ def test_mined_sets_of_other_crops_are_refused_and_old_ones_remined(cache, tmp_p
     man["items"] = {"n": 20, "sha256": "0" * 64}
     (mdir / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ValueError, match="mined on 20 training crops.*now has 30"):
-        mine.run(mcfg(out, epochs=2))
+        mine.run(mcfg(out, plans=2))
 
     # a directory of the previous version (no crop record, no shard checksums) is re-mined
     man.pop("items")
@@ -220,7 +220,7 @@ def test_mined_sets_of_other_crops_are_refused_and_old_ones_remined(cache, tmp_p
         p.write_bytes(b"shard of an older version")
     with pytest.raises(ValueError, match="older ppap-pipe and has no checksum.*rerun `ppap-pipe mine"):
         train.run(tcfg(out))
-    mine.run(mcfg(out, epochs=2))
+    mine.run(mcfg(out, plans=2))
     for p, data in originals.items():
         assert p.read_bytes() == data
         assert shards.shard_state(p) == ("ok", "")
@@ -230,11 +230,11 @@ def test_mined_sets_of_other_crops_are_refused_and_old_ones_remined(cache, tmp_p
 
 def test_manifest_follows_extended_epochs(cache, tmp_path):
     out = copy(cache, tmp_path)
-    mine.run(mcfg(out, epochs=1))
-    mine.run(mcfg(out, epochs=3))
+    mine.run(mcfg(out, plans=1))
+    mine.run(mcfg(out, plans=3))
     man = json.loads((out / "mine" / "ppap" / "manifest.json").read_text())
-    assert man["config"]["epochs"] == 3 and man["plans"] == 3
-    assert json.loads((out / "mine" / "ppap" / "config.json").read_text())["epochs"] == 3
+    assert man["config"]["plans"] == 3 and man["plans"] == 3
+    assert json.loads((out / "mine" / "ppap" / "config.json").read_text())["plans"] == 3
 
 
 # ------------------------------------------------------------------ 2. NaN / Inf
@@ -245,7 +245,7 @@ def test_nan_in_cached_feats_stops_mining(cache, tmp_path):
     write_region(out, "train", "feats", 13, np.nan)  # crop 13 lies in chunk train-00001
     with pytest.raises(NonFinite, match=r"train/feats holds NaN/Inf values for crop\(s\) 13 "
                                         r"\(feature chunk\(s\) train-00001\)") as exc:
-        mine.run(mcfg(out, epochs=2))
+        mine.run(mcfg(out, plans=2))
     assert "train-00001.done" in str(exc.value) and "ppap-pipe features" in str(exc.value)
     for p in (out / "mine" / "ppap" / "shards").rglob("*.npz"):  # shards without crop 13 only
         sh = shards.read_shard(p)
@@ -505,7 +505,7 @@ def test_second_writer_is_refused_with_pid(trained, tmp_path):
     # every writing stage takes its directory's lock; readers (eval of a run) need none
     with RunLock(out / "mine" / "ppap"):
         with pytest.raises(RunLocked, match="being written by another ppap-pipe process"):
-            mine.run(mcfg(out, epochs=2))
+            mine.run(mcfg(out, plans=2))
     with RunLock(out, name=".features.lock"):
         with pytest.raises(RunLocked):
             features.run(fcfg(Path(json.loads((out / "features_config.json").read_text())["data_root"]), out))
@@ -583,7 +583,7 @@ def test_config_file_errors(cache, tmp_path, capsys):
     cases = {
         'phi0 = "high"\n': r"config file '.*bad.toml': phi0='high' \(str\) is not a valid value "
                            r"for MineConfig.phi0: expected a number",
-        "epochs = 2.7\n": r"epochs=2.7 \(float\) is not a valid value for MineConfig.epochs: "
+        "plans = 2.7\n": r"plans=2.7 \(float\) is not a valid value for MineConfig.plans: "
                           "expected an integer",
         "[mien]\nphi0 = 0.9\n": r"unknown table\(s\) \['\[mien\]'\]",
         "[mine]\nphio = 0.9\n": r"\[mine\] has unknown option\(s\) \['phio'\]",

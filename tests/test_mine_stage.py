@@ -44,7 +44,7 @@ def thresholds(cache) -> tuple[float, float]:
 def cfg_for(cache, thresholds, **kw) -> MineConfig:
     phi0, psi0 = thresholds
     base = dict(out=str(cache), phi0=phi0, psi0=psi0, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
-                batch_size=8, anchors_per_image="1/4", epochs=2, seed=3)
+                batch_size=8, anchors_per_image="1/4", plans=2, seed=3)
     base.update(kw)
     return MineConfig(**base)
 
@@ -124,10 +124,10 @@ def test_resume_and_dask_are_bit_identical(cache, thresholds, monkeypatch):
 
 
 def test_more_epochs_extend_other_params_refused(cache, thresholds):
-    cfg = cfg_for(cache, thresholds, name="grow", epochs=1)
+    cfg = cfg_for(cache, thresholds, name="grow", plans=1)
     mine.run(cfg)
     before = shard_bytes(cache / "mine" / "grow")
-    out = mine.run(cfg_for(cache, thresholds, name="grow", epochs=2))
+    out = mine.run(cfg_for(cache, thresholds, name="grow", plans=2))
     after = shard_bytes(cache / "mine" / "grow")
     assert out["shards"] == 8 and all(after[k] == v for k, v in before.items())
     with pytest.raises(ManifestMismatch, match="psi0: on disk"):
@@ -136,7 +136,7 @@ def test_more_epochs_extend_other_params_refused(cache, thresholds):
 
 
 def test_export_matches_brute_force(cache, thresholds, tmp_path):
-    cfg = cfg_for(cache, thresholds, name="exp", epochs=1)
+    cfg = cfg_for(cache, thresholds, name="exp", plans=1)
     mine.run(cfg)
     to = tmp_path / "b1.npz"
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--out", str(cache),
@@ -164,7 +164,7 @@ def test_export_matches_brute_force(cache, thresholds, tmp_path):
 
 
 def test_export_unknown_batch_is_clear(cache, thresholds, tmp_path):
-    mine.run(cfg_for(cache, thresholds, name="exp2", epochs=1))
+    mine.run(cfg_for(cache, thresholds, name="exp2", plans=1))
     with pytest.raises(ValueError, match="batch 99 of epoch 0 is not mined"):
         mine.export(cache, "exp2", 0, 99, tmp_path / "x.npz")
     with pytest.raises(ValueError, match="no mined sets named 'nope'"):
@@ -174,7 +174,7 @@ def test_export_unknown_batch_is_clear(cache, thresholds, tmp_path):
 
 @pytest.mark.parametrize("criterion", ["p0", "hp", "kmeans"])
 def test_other_criteria_write_recoverable_shards(cache, thresholds, criterion):
-    cfg = cfg_for(cache, thresholds, name=f"c_{criterion}", criterion=criterion, epochs=1,
+    cfg = cfg_for(cache, thresholds, name=f"c_{criterion}", criterion=criterion, plans=1,
                   hp_pool_size=20, kmeans_k=3)
     summary = mine.run(cfg)
     assert summary["shards"] == 4

@@ -174,7 +174,7 @@ def test_train_runs_on_primaps_and_eigen_shards(fake_cache, tmp_path, criterion)
 
     store = _make_cache(fake_cache, tmp_path)
     mine.run(MineConfig(out=str(tmp_path), criterion=criterion, batch_size=B,
-                          anchors_per_image="1/4", epochs=2, seed=0, eigen_steps=100,
+                          anchors_per_image="1/4", plans=2, seed=0, eigen_steps=100,
                           primaps_coverage=0.8))
     summary = train.run(TrainConfig(out=str(tmp_path), mined=criterion, epochs=2, lr=3e-3,
                                       ckpt_every=2, seed=1))

@@ -35,7 +35,7 @@ def mine_cfg(out: Path, **kw) -> MineConfig:
     s = F[::7] @ F.T
     base = dict(out=str(out), phi0=float(np.round(np.quantile(s, 0.85), 2)),
                 psi0=float(np.round(np.quantile(s, 0.5), 2)), prop_iters=2, sigma_pos=3.0,
-                sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", epochs=2, seed=3,
+                sigma_amb=3.0, batch_size=8, anchors_per_image="1/4", plans=2, seed=3,
                 holdout=HOLDOUT)
     return MineConfig(**{**base, **kw})
 
@@ -168,7 +168,7 @@ def test_preset_recipe_lowers_the_loss_without_collapsing_rank(cache, mined, pre
     """The training settings the presets ship (chosen by the held-out sweep) on a small cache:
     the loss goes down and the code keeps its effective rank."""
     keys = ("tau", "lr", "weight_decay", "optimizer", "amb_weight", "grad_clip")
-    recipe = {k: v for k, v in PRESETS[preset].items() if k in keys}
+    recipe = {k: v for k, v in PRESETS[preset]["train"].items() if k in keys}
     cfg = TrainConfig(out=str(cache), mined="ppap", name=f"recipe-{preset}", epochs=6,
                         select_every=0, seed=1, **recipe)
     train.run(cfg)
