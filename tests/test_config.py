@@ -22,8 +22,11 @@ def test_presets_do_not_leak_between_stages():
     assert resolve(FeaturesConfig, preset="camvid").batch_size == 16  # the forward-pass default
     assert resolve(MineConfig, preset="camvid").batch_size == 64  # the mining batch
     assert resolve(MineConfig, preset="demo").batch_size == 16
-    assert resolve(MineConfig, preset="camvid").plans == 5
-    assert resolve(TrainConfig, preset="camvid").epochs == 5
+    assert resolve(MineConfig, preset="camvid").plans == 2
+    assert resolve(TrainConfig, preset="camvid").epochs == 2
+    assert resolve(TrainConfig, preset="camvid").tau == 0.1  # the held-out sweep's recipe
+    assert resolve(TrainConfig, preset="camvid").select_every == 10
+    assert resolve(MineConfig, preset="cocostuff27-vits8").plans == 5
     assert resolve(EvalConfig, preset="camvid").eigen_kernel_power == 4.0
     assert resolve(EvalConfig, preset="camvid").crf_workers == 0
     assert resolve(FeaturesConfig, preset="camvid").data_root == "../shared/camvid"
