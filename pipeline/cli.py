@@ -15,7 +15,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import (
     AuditConfig, EvalConfig, FeaturesConfig, MineConfig, PRESETS, ShowConfig, SweepConfig,
-    TrainConfig, resolve,
+    TrainConfig, resolve, upgrade_names,
 )
 
 app = typer.Typer(
@@ -67,18 +67,10 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
-def _deprecated(stage: str, old: str, old_value, new: str, new_value):
-    """The value of option `new`, also given under its former name `old` (with a warning)."""
-    if old_value is None:
-        return new_value
-    if new_value is not None and new_value != old_value:
-        raise ValueError(f"{old} {old_value} and {new} {new_value} name the same option of "
-                         f"`{stage}` ({old} is its former name); keep only {new}")
-    log.warning("%s: %s is deprecated, use %s (same meaning)", stage, old, new)
-    return old_value
-
-
 def _resolve(cls, stage: str, preset, config, **flags):
+    """Flags given (not None), former flag names renamed (config.upgrade_names), resolved."""
+    flags = upgrade_names(stage, {k: v for k, v in flags.items() if v is not None}, "command line",
+                          flags=True)
     flags["out"] = _default_out(preset, flags.get("out"))
     return resolve(cls, preset=preset, config_file=config, stage=stage, **flags)
 
@@ -163,7 +155,7 @@ def mine(
     cfg = _resolve(MineConfig, "mine", preset, config, out=out, name=name, criterion=criterion,
                    phi0=phi0, psi0=psi0, prop_iters=prop_iters, sigma_pos=sigma_pos,
                    sigma_amb=sigma_amb, batch_size=batch_size, anchors_per_image=anchors_per_image,
-                   plans=_deprecated("mine", "--epochs", epochs, "--plans", plans),
+                   plans=plans, epochs=epochs,
                    holdout=holdout, hp_pool_size=hp_pool_size, kmeans_k=kmeans_k,
                    primaps_psi=primaps_psi, primaps_coverage=primaps_coverage, eigen_dim=eigen_dim,
                    eigen_steps=eigen_steps, eigen_kernel_power=eigen_kernel_power, backend=backend,
@@ -299,7 +291,7 @@ def evaluate(
 
     cfg = _resolve(EvalConfig, "eval", preset, config, out=out, trained=trained,
                    baseline=baseline, crf=crf,
-                   crf_workers=_deprecated("eval", "--workers", workers, "--crf-workers", crf_workers),
+                   crf_workers=crf_workers, workers=workers,
                    n_show=n_show, probes=probes,
                    checkpoint=checkpoint, probe=probe, primaps_psi=primaps_psi,
                    primaps_coverage=primaps_coverage, em_steps=em_steps, eigen_dim=eigen_dim,

@@ -31,6 +31,12 @@ PRESET_TABLES = ("features", "mine", "train", "eval")
 _PAPER_MINE = dict(batch_size=64)  # crops per mined batch = per training step
 _PAPER_TRAIN = dict(grad_clip=10.0, probe_lr=1e-3, cluster_lr=1e-3)
 
+# The DINOv2 presets' mining and training tables (camvid, demo); why: the comment at "camvid".
+_DINOV2_MINE = dict(phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
+                    anchors_per_image="1/16", plans=2, eigen_kernel_power=4.0)
+_DINOV2_TRAIN = dict(tau=0.1, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                     select_every=10, **_PAPER_TRAIN)
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cocostuff27-vits8": {
         "features": dict(dataset="cocostuff27", backbone="dino_vits8"),
@@ -80,18 +86,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "camvid": {
         "features": dict(dataset="camvid", data_root="../shared/camvid",
                          backbone="dinov2_vits14_offline"),
-        "mine": dict(phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
-                     anchors_per_image="1/16", plans=2, eigen_kernel_power=4.0, **_PAPER_MINE),
-        "train": dict(tau=0.1, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-                      select_every=10, **_PAPER_TRAIN),
+        "mine": {**_DINOV2_MINE, **_PAPER_MINE},
+        "train": dict(_DINOV2_TRAIN),
         "eval": dict(eigen_kernel_power=4.0),
     },
-    "demo": {
+    "demo": {  # the camvid recipe on the embedded mosaics, in batches of 16
         "features": dict(dataset="demo", backbone="dinov2_vits14_offline"),
-        "mine": dict(phi0=0.95, psi0=0.70, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0,
-                     anchors_per_image="1/16", plans=2, eigen_kernel_power=4.0, batch_size=16),
-        "train": dict(tau=0.1, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-                      select_every=10, **_PAPER_TRAIN),
+        "mine": {**_DINOV2_MINE, "batch_size": 16},
+        "train": dict(_DINOV2_TRAIN),
         "eval": dict(eigen_kernel_power=4.0),
     },
 }
@@ -477,18 +479,32 @@ def preset_values(preset: str, cls: type) -> dict[str, Any]:
     return table
 
 
-def upgrade_names(stage: str, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+def upgrade_names(stage: str, values: Mapping[str, Any], where: str,
+                  flags: bool = False) -> dict[str, Any]:
     """Rename deprecated option names of `stage` (DEPRECATED_NAMES) in `values`, warning once
-    per name; giving both the old and the new name with different values is refused."""
+    per name; giving both the old and the new name with different values is refused.
+
+    `values` holds only the options that were given. `flags=True` words the messages for
+    command-line flags (`--epochs 3`) instead of config keys (`epochs=3`).
+    """
     out = dict(values)
     for old, new in DEPRECATED_NAMES.get(stage, {}).items():
         if old not in out:
             continue
         value = out.pop(old)
+        if flags:
+            o, n = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+            given, other = f"{o} {value}", f"{n} {out.get(new)}"
+        else:
+            o, n = old, new
+            given, other = f"{old}={value!r}", f"{new}={out.get(new)!r}"
         if new in out and out[new] != value:
-            raise ValueError(f"{where}: {old}={value!r} and {new}={out[new]!r} name the same "
-                             f"option ({old} is its former name); keep only {new}")
-        log.warning("%s: %r is deprecated for `%s`, use %r (same meaning)", where, old, stage, new)
+            raise ValueError(f"{where}: {given} and {other} name the same option of `{stage}` "
+                             f"({o} is its former name); keep only {n}")
+        if flags:
+            log.warning("%s: %s is deprecated, use %s (same meaning)", where, o, n)
+        else:
+            log.warning("%s: %r is deprecated for `%s`, use %r (same meaning)", where, o, stage, n)
         out[new] = value
     return out
 
@@ -505,7 +521,7 @@ def mine_config_dict(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def mined_plans(d: Mapping[str, Any]) -> int | None:
     """Batch plans a mined run's config.json asked for (`plans`, or `epochs` before the rename)."""
-    value = d.get("plans", d.get("epochs"))
+    value = mine_config_dict(d).get("plans")
     return None if value is None else int(value)
 
 
