@@ -51,47 +51,49 @@ def main() -> None:
 
     import zarr
 
-    from pipeline.featstore import STORE_NAME, FeatureStore, check_units, take_rows
+    from pipeline.artifacts.features import FeatureStore, check_units, take_rows
+    from pipeline.artifacts.layout import RunLayout
     from pipeline.integrity import nonfinite_rows, sha256_bytes
 
-    src = Path(args.out).resolve()
-    scratch = Path(tempfile.mkdtemp(prefix="bench_integrity_"))
+    src = RunLayout(Path(args.out).resolve())
+    scratch = RunLayout(tempfile.mkdtemp(prefix="bench_integrity_"))
     try:
-        os.symlink(src / STORE_NAME, scratch / STORE_NAME)
-        shutil.copytree(src / "markers", scratch / "markers")
-        for f in ("features_manifest.json", "features_config.json"):
-            if (src / f).is_file():
-                shutil.copy(src / f, scratch / f)
-        store = FeatureStore(scratch)
+        os.symlink(src.features_store, scratch.features_store)
+        shutil.copytree(src.feature_markers, scratch.feature_markers)
+        for f in ("features_manifest", "features_config"):
+            if getattr(src, f).is_file():
+                shutil.copy(getattr(src, f), getattr(scratch, f))
+        store = FeatureStore(scratch.out)
         splits = [s for s in ("train", "val") if s in store.root]
-        size = sum(p.stat().st_size for s in splits for p in (src / STORE_NAME / s).rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for s in splits
+                   for p in (src.features_store / s).rglob("*") if p.is_file())
         res: dict[str, float] = {"cache_MB": size / 2**20}
-        res["start_check_legacy_s"] = _t(lambda: [FeatureStore(scratch).check_complete(s) for s in splits], 3)
+        res["start_check_legacy_s"] = _t(lambda: [FeatureStore(scratch.out).check_complete(s) for s in splits], 3)
 
         t0 = time.perf_counter()
         for s in splits:  # add checksums to the copied markers (what a features rerun does)
-            for c in check_units(scratch, store.manifest, s, deep=True):
-                p = scratch / "markers" / "features" / f"{c.key}.done"
+            for c in check_units(scratch.out, store.manifest, s, deep=True):
+                p = scratch.feature_marker(c.key)
                 m = json.loads(p.read_text())
                 m["chunks"] = c.records
                 p.write_text(json.dumps(m))
         res["deep_check_s"] = time.perf_counter() - t0
-        res["start_check_checksums_s"] = _t(lambda: [FeatureStore(scratch).check_complete(s) for s in splits], 3)
+        res["start_check_checksums_s"] = _t(lambda: [FeatureStore(scratch.out).check_complete(s) for s in splits], 3)
 
         names = [n for n in ("tokens", "feats", "labels") if n in store.root["train"]]
-        plain = zarr.open_group(str(src / STORE_NAME), mode="r")["train"]
+        plain = zarr.open_group(str(src.features_store), mode="r")["train"]
         res["read_all_plain_s"] = _t(lambda: [plain[n][:] for n in names])  # warms the page cache
         res["read_all_plain_s"] = _t(lambda: [plain[n][:] for n in names])
-        checked = FeatureStore(scratch).split("train")
+        checked = FeatureStore(scratch.out).split("train")
         res["read_all_checked_first_s"] = _t(lambda: [checked[n][:] for n in names])
         res["read_all_checked_again_s"] = _t(lambda: [checked[n][:] for n in names])
-        files = [p for n in names for p in (src / STORE_NAME / "train" / n).rglob("*") if p.is_file()]
+        files = [p for n in names for p in (src.features_store / "train" / n).rglob("*") if p.is_file()]
         res["sha256_of_those_chunks_s"] = _t(lambda: [sha256_bytes(p.read_bytes()) for p in files])
 
         rng = np.random.default_rng(args.seed)
         crops = np.sort(rng.choice(plain["tokens"].shape[0], args.batch, replace=False))
         res["batch_read_plain_s"] = _t(lambda: [take_rows(plain[n], crops) for n in names], 3)
-        fresh = FeatureStore(scratch).split("train")
+        fresh = FeatureStore(scratch.out).split("train")
         res["batch_read_checked_first_s"] = _t(lambda: [take_rows(fresh[n], crops) for n in names])
         res["batch_read_checked_again_s"] = _t(lambda: [take_rows(fresh[n], crops) for n in names], 3)
         tok, feats = take_rows(plain["tokens"], crops), take_rows(plain["feats"], crops)
@@ -99,7 +101,7 @@ def main() -> None:
         shard = np.random.default_rng(1).bytes(int(1190 * args.anchors))  # ~1.19 KB per anchor
         res["shard_sha256_s"] = _t(lambda: sha256_bytes(shard), 5)
     finally:
-        shutil.rmtree(scratch)
+        shutil.rmtree(scratch.out)
     width = max(map(len, res))
     for k, v in res.items():
         print(f"{k:<{width}}  {v:10.4f}")

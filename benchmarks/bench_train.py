@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.backbones import forward_tokens, input_size
     from pipeline.batching import anchor_rows
     from pipeline.config import TrainConfig
-    from pipeline.featstore import normalise
+    from pipeline.artifacts.features import normalise
     from pipeline.model import build_model
     from stages.train import _gather, make_optimisers, train_step
 

@@ -10,8 +10,8 @@ P_i or A_i. A true positive is a positive of the anchor's class; a "false positi
 same-class row placed among the negatives.
 
 `anchor_stats` turns one batch into per-anchor integer counts (`AnchorStats`); `concat` joins
-batches; `summarise` and `fig1b_curve` reduce them. Pooled figures are ratios of sums over all
-anchors of all batches; per-anchor figures are means over all audited anchors of all batches —
+batches; `audit_summary` and `fig1b_curve` reduce them. Pooled figures are ratios of sums over
+all anchors of all batches; per-anchor figures are means over all audited anchors of all batches —
 both exact, never means of batch means. Percentages are in [0, 100]; an undefined figure (no
 anchor to average over) is None.
 """
@@ -227,7 +227,7 @@ def _mean(x: np.ndarray) -> float | None:
     return None if x.size == 0 else float(np.mean(x))
 
 
-def summarise(
+def audit_summary(
     stats: AnchorStats, num_classes: int | None = None, class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Table 6 figures plus per-class precision/recall (classes by anchor label).
@@ -401,7 +401,7 @@ TABLE_COLUMNS = (
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], label_key: str = "name") -> str:
-    """Rows of `summarise` output (plus a label) as a fixed-width text table like Table 6."""
+    """Rows of `audit_summary` output (plus a label) as a fixed-width text table like Table 6."""
     head = [label_key, "anchors"] + [c[0] for c in TABLE_COLUMNS] + ["no positive"]
     body = []
     for r in rows:

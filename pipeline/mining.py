@@ -537,7 +537,7 @@ def _check_inputs(F: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.nd
         raise ValueError(
             f"F must be a 2-D float32 numpy array (N, D), got "
             f"{getattr(F, 'dtype', type(F))} {getattr(F, 'shape', '')}; "
-            "pass pipeline.featstore.normalise(feats) reshaped to (N, D)"
+            "pass pipeline.artifacts.features.normalise(feats) reshaped to (N, D)"
         )
     if F.shape[0] < 2:
         raise ValueError(f"F has {F.shape[0]} row(s); a batch needs at least 2 patches to mine")
@@ -714,7 +714,7 @@ def _check_unit_matrix(name: str, X: np.ndarray, dim: int | None = None) -> np.n
     if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype != np.float32 or len(X) == 0:
         raise ValueError(f"{name} must be a non-empty 2-D float32 array, got "
                          f"{getattr(X, 'dtype', type(X))} {getattr(X, 'shape', '')}; "
-                         "normalise it with pipeline.featstore.normalise")
+                         "normalise it with pipeline.artifacts.features.normalise")
     if dim is not None and X.shape[1] != dim:
         raise ValueError(f"{name} has dimension {X.shape[1]}, the features have {dim}; "
                          "build it from the same feature store")

@@ -13,21 +13,8 @@ learnable centroids (loss = -mean over pixels of the max cosine to a centroid).
 
 All random initialisation draws from an explicit torch.Generator (never the global RNG).
 
-Checkpoint keys (written by stages/train.py, read by `load_trained`):
-    format              "ppap-train/1"
-    branch              FineTunedBranch.state_dict()  (block.*, norm.*, head.*)
-    linear_probe        LinearProbe.state_dict(), or None when the cache has no labels
-    cluster_probe       ClusterProbe.state_dict()
-    opt_net, opt_linear, opt_cluster   optimiser state dicts (opt_linear None without labels)
-    step                optimiser steps taken so far
-    epoch, batch        position of the NEXT batch to train on (epoch index, batch within it)
-    finished            True once every epoch (or max_steps) has been trained
-    config              resolved TrainConfig as a dict
-    model               {backbone, weights, backbone_seed, weights_fingerprint, patch_size,
-                         embed_dim, grid [h, w], num_classes, n_clusters, has_labels, class_names}
-    features_fingerprint, mined_fingerprint, code_version
-The file's sha256 is kept beside it in `<checkpoint>.sha256` (pipeline.integrity.write_checked);
-`read_checkpoint` verifies it and refuses non-finite weights.
+Checkpoints hold these modules' state dicts (their keys and the file's checksum:
+pipeline/artifacts/training.py); `modules_from_checkpoint` rebuilds the modules from one.
 """
 
 from __future__ import annotations
@@ -35,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -179,7 +165,7 @@ class Model(NamedTuple):
 
 
 class TrainedModel(NamedTuple):
-    """What `load_trained` returns (unpacks as `branch, linear, cluster, config`)."""
+    """What `modules_from_checkpoint` returns (unpacks as `branch, linear, cluster, config`)."""
 
     branch: FineTunedBranch
     linear: LinearProbe | None
@@ -210,49 +196,14 @@ def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
     return Model(*(m.to(device) if m is not None else None for m in mods))
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str | None = None) -> Any:
-    """torch.load of a checkpoint after verifying its checksum; clear errors for bad files.
+def modules_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> TrainedModel:
+    """(branch, linear_probe or None, cluster_probe, cfg) of a loaded checkpoint dict, in eval
+    mode, gradients off (read the file with pipeline.artifacts.training.Checkpoint).
 
-    A checkpoint without a `.sha256` sidecar (older ppap-pipe) is loaded with a warning. Any
-    NaN/Inf among its tensors is refused (a run that diverged).
+    `cfg` is the resolved TrainConfig dict plus keys `model`, `features_fingerprint`,
+    `mined_fingerprint`, `step`, `epoch` and `selection` (the record of a selected state). The block architecture is rebuilt by loading the
+    backbone named in the checkpoint (cheap; no forward pass).
     """
-    import io
-
-    from pipeline.integrity import CorruptArtifact, NonFinite, read_checked
-
-    path = Path(path)
-    fix = fix or "retrain (rerun `ppap-pipe train`, into a new --name if needed)"
-    data = read_checked(path, what="checkpoint", fix=fix)
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CorruptArtifact(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
-                              f"{str(exc)[:120]}; {len(data)} bytes, cut off?); {fix}") from None
-    if isinstance(ckpt, dict):
-        for key in ("branch", "linear_probe", "cluster_probe"):
-            for name, t in (ckpt.get(key) or {}).items():
-                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFinite(f"{path} holds NaN/Inf weights ({key}.{name}): the run "
-                                    f"diverged or the file is damaged; {fix}")
-    return ckpt
-
-
-def load_trained(ckpt_path: str | Path, device: str = "cpu") -> TrainedModel:
-    """(branch, linear_probe or None, cluster_probe, cfg) from a training checkpoint, in eval mode.
-
-    `cfg` is the resolved TrainConfig dict plus keys `model` (see the module docstring),
-    `features_fingerprint`, `mined_fingerprint`, `step` and `epoch`. The block architecture is
-    rebuilt by loading the backbone named in the checkpoint (cheap; no forward pass).
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}; run `ppap-pipe train` first")
-    ckpt = read_checkpoint(path, "cpu", fix="retrain it (rerun `ppap-pipe train` with the same "
-                                            "settings after deleting it, or into a new --name)")
-    found = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if found != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a {CKPT_FORMAT} checkpoint (format={found!r}); "
-                         "retrain with this version of ppap-pipe")
     meta = ckpt["model"]
     dim = int(meta["embed_dim"])
     from pipeline.backbones import load_backbone
@@ -272,7 +223,7 @@ def load_trained(ckpt_path: str | Path, device: str = "cpu") -> TrainedModel:
     del backbone
     cfg = {**ckpt["config"], "model": meta, "step": ckpt["step"], "epoch": ckpt["epoch"],
            "features_fingerprint": ckpt["features_fingerprint"],
-           "mined_fingerprint": ckpt["mined_fingerprint"]}
+           "mined_fingerprint": ckpt["mined_fingerprint"], "selection": ckpt.get("selection")}
     mods = [m.to(device).eval() if m is not None else None for m in (branch, linear, cluster)]
     for m in mods:
         if m is not None:

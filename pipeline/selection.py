@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import probes
-from pipeline.featstore import FeatureStore, take_rows
+from pipeline.artifacts.features import FeatureStore, take_rows
 
 log = logging.getLogger("ppap.selection")
 

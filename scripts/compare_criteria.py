@@ -32,6 +32,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.reports import EvalReport
+from pipeline.artifacts.training import TrainRun
+
 CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +72,7 @@ def do_audit(args: argparse.Namespace) -> None:
     for c, name in zip(args.criteria, names):
         cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--plans", "1",
             extra=args.mine_args)
-    json_path = out_dir(args) / "audit" / "criteria.json"
+    json_path = RunLayout(out_dir(args)).audit / "criteria.json"
     mined = [x for n in names for x in ("--mined", n)]
     cli(args, "audit", *common(args), *mined, "--batches", str(args.batches), "--max-anchors",
         str(args.max_anchors), "--json", str(json_path),
@@ -88,7 +92,7 @@ def do_audit(args: argparse.Namespace) -> None:
 
 
 def metrics(args: argparse.Namespace, name: str) -> dict:
-    return json.loads((out_dir(args) / "eval" / name / "metrics.json").read_text())
+    return EvalReport(out_dir(args), name).metrics()
 
 
 def cell(m: dict, probe: str, crf: bool = False) -> str:
@@ -117,12 +121,11 @@ def run_of(args: argparse.Namespace, criterion: str) -> str:
 
 
 def selection(args: argparse.Namespace, run: str) -> dict:
-    return json.loads((out_dir(args) / "train" / run / "selection.json").read_text())
+    return TrainRun(out_dir(args), run).selection()
 
 
 def last_step(args: argparse.Namespace, run: str) -> int:
-    rows = (out_dir(args) / "train" / run / "selection.jsonl").read_text().splitlines()
-    return max(json.loads(r)["step"] for r in rows if r.strip())
+    return max(r["step"] for r in TrainRun(out_dir(args), run).selection_records())
 
 
 def checkpoints(args: argparse.Namespace, run: str) -> list[tuple[str, int, str]]:
@@ -140,7 +143,7 @@ def checkpoints(args: argparse.Namespace, run: str) -> list[tuple[str, int, str]
 
 def eval_once(args: argparse.Namespace, name: str, *argv: str) -> None:
     """`ppap-pipe eval ...` unless eval/<name>/metrics.json exists (--redo-eval: always)."""
-    if args.redo_eval or not (out_dir(args) / "eval" / name / "metrics.json").exists():
+    if args.redo_eval or not EvalReport(out_dir(args), name).exists():
         cli(args, "eval", *common(args), *argv, extra=args.eval_args)
     else:
         print(f"# eval/{name} exists; kept (--redo-eval to recompute)", flush=True)
@@ -183,8 +186,7 @@ def train_eval_table(args: argparse.Namespace) -> list[str]:
         run = run_of(args, c)
         sel = selection(args, run)
         frozen_hold = sel["frozen"]["cluster_miou"]
-        records = {json.loads(r)["step"]: json.loads(r) for r in
-                   (out_dir(args) / "train" / run / "selection.jsonl").read_text().splitlines() if r.strip()}
+        records = {r["step"]: r for r in TrainRun(out_dir(args), run).selection_records()}
         for ck, step, name in checkpoints(args, run):
             m = metrics(args, name)
             if ck == "best":

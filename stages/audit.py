@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,27 +24,17 @@ import numpy as np
 
 from pipeline.audit import (
     AnchorStats, anchor_stats, batch_stats, concat, fig1b_curve, format_table, parse_sweep,
-    sample_positions, subset_shard, summarise, sweep_points,
+    sample_positions, subset_shard, audit_summary, sweep_points,
 )
-from pipeline.config import AuditConfig, MineConfig, PRESETS, mine_config_dict, parse_fraction, preset_values, to_dict
+from pipeline.artifacts.features import FeatureStore
+from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.mined import MinedSets, MiningPlan
+from pipeline.config import AuditConfig, MineConfig, PRESETS, parse_fraction, preset_values, to_dict
 from pipeline.executor import timed
-from pipeline.featstore import FeatureStore
 from pipeline.integrity import hold_lock, releases_locks, require_device
-from pipeline.store import atomic_write_json, code_version, read_json
+from pipeline.store import atomic_write_json, code_version
 
 log = logging.getLogger("ppap.audit")
-
-
-@dataclass
-class MinedRun:
-    name: str
-    path: Path
-    config: dict[str, Any]
-    shards: dict[int, Path] = field(default_factory=dict)  # batch -> shard of the audited epoch
-
-    @property
-    def criterion(self) -> str:
-        return str(self.config.get("criterion", "?"))
 
 
 @dataclass
@@ -75,38 +65,14 @@ class Sweep:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_run(out: Path, name: str, epoch: int, store: FeatureStore) -> MinedRun:
-    """A mined run's config and its finished shards of `epoch`, checked against the cache."""
-    from pipeline.shards import iter_shards, n_epochs, read_marker
-
-    path = out / "mine" / name
-    if not (path / "manifest.json").is_file() or not (path / "config.json").is_file():
-        have = sorted(p.parent.name for p in (out / "mine").glob("*/manifest.json"))
-        raise ValueError(
-            f"no mined sets {name!r} under {out / 'mine'} (found: {', '.join(have) or 'none'}); "
-            f"run `ppap-pipe mine --out {out} --name {name}` first or pick another --mined"
-        )
-    fp = read_json(path / "manifest.json").get("identity", {}).get("features_fingerprint")
-    if fp != store.fingerprint:
-        raise ValueError(f"mined sets {name!r} were mined from a feature cache with fingerprint {fp}, "
-                         f"but {store.path} has {store.fingerprint}; mine again for this cache")
-    config = read_json(path / "config.json")
-    n_ep = n_epochs(path)
-    if not 0 <= epoch < n_ep:
-        raise ValueError(f"mined sets {name!r} have {n_ep} finished epoch(s); epoch={epoch} "
-                         f"does not exist, pick --epoch below {max(n_ep, 1)} (or finish mining)")
-    shards = {int(read_marker(p)["batch"]): Path(p) for p in iter_shards(path, epoch)}
-    return MinedRun(name, path, config, shards)
-
-
-def _plan_identity(run: MinedRun) -> dict[str, Any]:
+def _plan_identity(run: MinedSets) -> dict[str, Any]:
     c = run.config
     frac = parse_fraction(c["anchors_per_image"]) if "anchors_per_image" in c else None
     return {"seed": c.get("seed"), "batch_size": c.get("batch_size"), "anchor fraction": frac,
             "holdout": c.get("holdout", 0.0)}
 
 
-def check_compatible(runs: Sequence[MinedRun]) -> None:
+def check_compatible(runs: Sequence[MinedSets]) -> None:
     """Refuse to compare runs whose batch plans or anchors differ."""
     first, ref = runs[0], _plan_identity(runs[0])
     for r in runs[1:]:
@@ -136,10 +102,11 @@ def _positions(cfg: AuditConfig, batch: int, m: int) -> np.ndarray:
     return sample_positions(m, cfg.max_anchors, rng)
 
 
-def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedRun]) -> list[PlannedBatch]:
+def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedSets],
+                      shard_maps: dict[str, dict[int, Path]]) -> list[PlannedBatch]:
     from pipeline.shards import read_shard
 
-    common = sorted(set.intersection(*(set(r.shards) for r in runs)))
+    common = sorted(set.intersection(*(set(shard_maps[r.name]) for r in runs)))
     if not common:
         raise ValueError(
             f"no batch of epoch {cfg.epoch} is finished in every one of {[r.name for r in runs]}; "
@@ -151,7 +118,7 @@ def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedRun]) -> list[Planne
                     len(chosen), cfg.batches)
     plan = []
     for k in chosen:
-        sh = read_shard(runs[0].shards[k])
+        sh = read_shard(shard_maps[runs[0].name][k])
         anchors = np.asarray(sh.anchors, np.int64)
         plan.append(PlannedBatch(k, np.asarray(sh.images, np.int64), anchors,
                                  _positions(cfg, k, anchors.shape[0])))
@@ -161,27 +128,23 @@ def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedRun]) -> list[Planne
 def _plan_from_batching(cfg: AuditConfig, store: FeatureStore, base: MineConfig) -> list[PlannedBatch]:
     """The batches the mine stage would make with `base` (used when no mined run is given)."""
     from pipeline.batching import anchor_rows
-    from stages.mine import batch_images, train_items
 
-    base = dataclasses.replace(base, out=str(store.out))
-    n_items = len(train_items(base))
+    plan = MiningPlan.for_config(store, base)
+    n_items = len(plan.items)
     if n_items == 0:
         raise ValueError(f"the feature cache {store.path} has no finished training crops; "
                          "rerun `ppap-pipe features`")
     if base.batch_size > n_items:
         log.info("sweep: batch_size %d > %d training crops; using %d", base.batch_size, n_items, n_items)
         base = dataclasses.replace(base, batch_size=n_items)
+        plan = MiningPlan.for_config(store, base)
     h, w = store.grid("train")
     out = []
-    for k in range(min(cfg.batches, -(-n_items // base.batch_size))):
-        images = batch_images(base, cfg.epoch, k)
+    for k in range(min(cfg.batches, plan.n_batches(cfg.epoch))):
+        images = plan.batch_images(cfg.epoch, k)
         anchors = anchor_rows(base.seed, cfg.epoch, k, len(images), h * w, base.anchor_fraction)
         out.append(PlannedBatch(k, np.asarray(images, np.int64), anchors, _positions(cfg, k, len(anchors))))
     return out
-
-
-def _mine_config(d: dict[str, Any]) -> MineConfig:
-    return MineConfig(**mine_config_dict(d))
 
 
 def _matching_preset(manifest: dict[str, Any]) -> str | None:
@@ -192,12 +155,12 @@ def _matching_preset(manifest: dict[str, Any]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def sweep_setup(cfg: AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, Any]) -> Sweep:
+def sweep_setup(cfg: AuditConfig, runs: Sequence[MinedSets], manifest: dict[str, Any]) -> Sweep:
     """Parse the grid; base parameters from the first mined ppap/p0 run, else the cache's preset."""
     grid = parse_sweep(cfg.sweep)
     base_run = next((r for r in runs if r.criterion in ("ppap", "p0")), None)
     if base_run is not None:
-        base = _mine_config(base_run.config)
+        base = base_run.mine_config()
         log.info("sweep: base parameters from mined run %r", base_run.name)
     else:
         preset = _matching_preset(manifest)
@@ -221,8 +184,8 @@ def sweep_setup(cfg: AuditConfig, runs: Sequence[MinedRun], manifest: dict[str, 
 
 
 def collect(
-    cfg: AuditConfig, store: FeatureStore, runs: Sequence[MinedRun], plan: Sequence[PlannedBatch],
-    sweep: Sweep | None,
+    cfg: AuditConfig, store: FeatureStore, runs: Sequence[MinedSets],
+    shard_maps: dict[str, dict[int, Path]], plan: Sequence[PlannedBatch], sweep: Sweep | None,
 ) -> tuple[dict[str, AnchorStats], list[AnchorStats]]:
     """Per-anchor counts of every run and every sweep point over the planned batches."""
     from pipeline.mining import MineParams, mine_batch
@@ -235,7 +198,7 @@ def collect(
         F = store.mining_features(pb.images)
         labels = batch_patch_labels(store, pb.images)
         for r in runs:
-            sh = read_shard(r.shards[pb.batch])
+            sh = read_shard(shard_maps[r.name][pb.batch])
             if not (np.array_equal(sh.images, pb.images) and np.array_equal(sh.anchors, pb.anchors)):
                 raise ValueError(
                     f"batch {pb.batch} of {r.name!r} holds other images/anchors than {runs[0].name!r}; "
@@ -274,21 +237,25 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
     log.info("audit: out=%s epoch=%d batches=%d max_anchors=%s seed=%d code=%s", out, cfg.epoch,
              cfg.batches, cfg.max_anchors, cfg.seed, code_version())
 
-    runs: list[MinedRun] = []
+    runs: list[MinedSets] = []
+    shard_maps: dict[str, dict[int, Path]] = {}  # run -> batch -> shard of the audited plan
     for name in dict.fromkeys(cfg.mined):
-        if cfg.sweep and not (out / "mine" / name / "manifest.json").is_file():
+        if cfg.sweep and not MinedSets(out, name).exists():
             log.warning("audit: mined sets %r not found; sweeping without them", name)
             continue
-        runs.append(load_run(out, name, cfg.epoch, store))
+        sets = MinedSets.open(store, name)
+        shard_maps[name] = sets.finished_shards(cfg.epoch)
+        runs.append(sets)
     if runs:
         check_compatible(runs)
     sweep = sweep_setup(cfg, runs, store.manifest) if cfg.sweep else None
-    plan = _plan_from_shards(cfg, runs) if runs else _plan_from_batching(cfg, store, sweep.base)
+    plan = (_plan_from_shards(cfg, runs, shard_maps) if runs
+            else _plan_from_batching(cfg, store, sweep.base))
     with timed(f"audit of {len(plan)} batch(es)", log):
-        run_stats, sweep_stats = collect(cfg, store, runs, plan, sweep)
+        run_stats, sweep_stats = collect(cfg, store, runs, shard_maps, plan, sweep)
 
     def result(s: AnchorStats) -> dict[str, Any]:
-        return {**summarise(s, num_classes=store.num_classes, class_names=store.class_names),
+        return {**audit_summary(s, num_classes=store.num_classes, class_names=store.class_names),
                 "curve": fig1b_curve(s)}
 
     run_results = [{"name": r.name, "criterion": r.criterion, "config": r.config, **result(run_stats[r.name])}
@@ -312,7 +279,7 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
         report.update(sweep=sweep_results, sweep_grid=sweep.grid, sweep_base=to_dict(sweep.base),
                       sweep_skipped=sweep.skipped)
 
-    audit_dir = out / "audit"
+    audit_dir = RunLayout(out).audit
     if run_results:
         print(f"Audit of epoch {cfg.epoch}, batches {report['batches']} "
               f"({sum(report['anchors_audited'])} anchors sampled):")

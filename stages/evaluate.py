@@ -39,20 +39,21 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as Fn
+from pipeline.artifacts.features import FeatureStore, normalise
+from pipeline.artifacts.reports import EvalReport
+from pipeline.artifacts.training import TrainRun
 from pipeline.config import EvalConfig, to_dict
 from pipeline.crf import CRFPool, cluster_probs, softmax
 from pipeline.executor import progress, timed
-from pipeline.featstore import FeatureStore, normalise
-from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
+from pipeline.integrity import releases_locks, require_device
 from pipeline.metrics import Confusion, cluster_scores, linear_scores, matched_confusion
 from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, fit_linear, patch_histograms, spherical_kmeans
-from pipeline.store import atomic_write_bytes, atomic_write_json, code_version
+from pipeline.store import code_version
 from pipeline.viz import colourise, palette
 
 log = logging.getLogger("ppap.evaluate")
@@ -126,58 +127,18 @@ def branch_source(store: FeatureStore, branch, device: torch.device, name: str) 
     return CodeSource(f"{name} branch code", 4, read)
 
 
-def checkpoint_path(cfg: EvalConfig) -> Path:
-    """`<out>/train/<trained>/<checkpoint>.pt`, checked to exist (with advice when it does not)."""
-    run_dir = Path(cfg.out) / "train" / cfg.trained
-    ckpt = run_dir / f"{cfg.checkpoint}.pt"
-    if ckpt.is_file():
-        return ckpt
-    if not (run_dir / "last.pt").is_file():
-        raise ValueError(
-            f"no checkpoint at {ckpt}; run `ppap-pipe train --out {cfg.out} --name {cfg.trained}` "
-            "first, or pass --trained NAME of an existing run (or --baseline frozen)"
-        )
-    raise ValueError(
-        f"{run_dir} has no {cfg.checkpoint}.pt: it was trained without held-out images to select "
-        f"on (mine with --holdout > 0 and --select-every > 0 in train), or it is still at its "
-        f"first selection point; evaluate --checkpoint last instead"
-    )
-
-
 def _default_checkpoint(cfg: EvalConfig) -> EvalConfig:
-    """`--checkpoint best` (the default) of a run that never selected (no held-out images, or
-    --select-every 0) falls back to its last checkpoint, saying so; an explicit choice of a run
-    that did select is never changed."""
-    if cfg.baseline == "frozen" or cfg.checkpoint != "best" or not cfg.trained:
+    """`--checkpoint best` (the default) of a run that never selected falls back to `last`
+    (TrainRun.checkpoint_for_eval); missing runs and checkpoints are refused with advice."""
+    if cfg.baseline == "frozen" or not cfg.trained:
         return cfg
-    run_dir = Path(cfg.out) / "train" / cfg.trained
-    if (run_dir / "best.pt").is_file() or (run_dir / "selection.jsonl").is_file():
-        return cfg
-    if (run_dir / "last.pt").is_file():
-        log.warning("eval: %s was trained without selection points (no held-out images or "
-                    "--select-every 0), so it has no best.pt; evaluating last.pt", run_dir)
-        return dataclasses.replace(cfg, checkpoint="last")
-    return cfg
-
-
-def _load_checkpoint(cfg: EvalConfig, store: FeatureStore):
-    from pipeline.model import load_trained
-
-    ckpt = checkpoint_path(cfg)
-    branch, linear, cluster, tcfg = load_trained(ckpt, cfg.device)
-    if tcfg.get("features_fingerprint") != store.fingerprint:
-        raise ValueError(
-            f"{ckpt} was trained on feature cache {tcfg.get('features_fingerprint')} but "
-            f"{store.path} is {store.fingerprint}; evaluate with the --out it was trained in"
-        )
-    info = {"checkpoint": str(ckpt), "checkpoint_kind": cfg.checkpoint, "step": tcfg.get("step"),
-            "epoch": tcfg.get("epoch"), "mined_fingerprint": tcfg.get("mined_fingerprint"),
-            "selection": tcfg.get("selection")}
-    return branch, linear, cluster, info
+    kind, _ = TrainRun(cfg.out, cfg.trained).checkpoint_for_eval(cfg.checkpoint)
+    return cfg if kind == cfg.checkpoint else dataclasses.replace(cfg, checkpoint=kind)
 
 
 def _trained_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
-    branch, linear, cluster, info = _load_checkpoint(cfg, store)
+    (branch, linear, cluster, _), info = TrainRun(cfg.out, cfg.trained).load_for_eval(
+        cfg.checkpoint, store, cfg.device)
     grid = store.grid(EVAL_SPLIT)
     dev = torch.device(cfg.device)
 
@@ -481,7 +442,7 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
 # --------------------------------------------------------------------------- reporting
 
 
-def summarise(confs: dict[tuple[str, bool], np.ndarray], crf_on: bool) -> tuple[dict, dict]:
+def metric_blocks(confs: dict[tuple[str, bool], np.ndarray], crf_on: bool) -> tuple[dict, dict]:
     """metrics.json blocks per CRF setting, and the cluster mappings used."""
     out: dict[str, Any] = {}
     mappings: dict[str, list[int]] = {}
@@ -592,7 +553,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         probes.info.update(seed_info)
     name = probes.name
     fitted = cfg.baseline == "frozen" or cfg.probes == "refit"
-    dest = Path(cfg.out) / "eval" / name
     log.info("eval %s: %s probes, %d val images, K=%d classes, C=%d clusters, crf=%s, device=%s, "
              "seed=%d, code %s", name, "fitted" if fitted else "trained", store.n(EVAL_SPLIT),
              store.num_classes, probes.cluster.n_clusters, cfg.crf, cfg.device, cfg.seed,
@@ -600,7 +560,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     with timed(f"eval {name}: val pass", log):
         res = evaluate_split(cfg, store, probes)
     confs = res["confusion"]
-    blocks, mappings = summarise(confs, cfg.crf)
+    blocks, mappings = metric_blocks(confs, cfg.crf)
     report = {
         "name": name,
         "baseline": cfg.baseline,
@@ -618,32 +578,25 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    hold_lock(dest, "evaluation")  # the run it reads needs no lock
-    clean_orphans(dest)
-    atomic_write_json(dest / "config.json", {**to_dict(cfg), "name": name})
+    probes_state = None
     if fitted or cfg.probe != "kmeans":  # keep fitted probes for inspection and reuse
-        buf = io.BytesIO()
-        torch.save({"centroids": probes.cluster.centroids.detach().cpu(),
-                    "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},
-                    "cluster_probe": {k: v.cpu() for k, v in probes.cluster.state_dict().items()},
-                    "info": probes.info, "seed": cfg.seed}, buf)
-        atomic_write_bytes(dest / "probes.pt", buf.getvalue())
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()})
-    atomic_write_bytes(dest / "confusion.npz", buf.getvalue())
+        probes_state = {
+            "centroids": probes.cluster.centroids.detach().cpu(),
+            "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},
+            "cluster_probe": {k: v.cpu() for k, v in probes.cluster.state_dict().items()},
+            "info": probes.info, "seed": cfg.seed}
     mapping_arr = {t: np.asarray(v) for t, v in mappings.items()}
     matched = matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
     if not (matched[:, -1] > 0).any():
         matched = matched[:, :-1]
-    atomic_write_bytes(dest / "confusion.png",
-                       confusion_png(matched, confs[("linear", False)], store.class_names))
-    if res["shown"]:
-        atomic_write_bytes(dest / "predictions.png",
-                           predictions_png(res["shown"], mapping_arr, store.num_classes, cfg.crf,
-                                           store.class_names))
-    else:
-        (dest / "predictions.png").unlink(missing_ok=True)  # no stale grid from an earlier run
-    atomic_write_json(dest / "metrics.json", report)
+    dest = EvalReport(cfg.out, name).write(
+        config={**to_dict(cfg), "name": name},
+        metrics=report,
+        confusions={f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()},
+        confusion_png=confusion_png(matched, confs[("linear", False)], store.class_names),
+        predictions_png=(predictions_png(res["shown"], mapping_arr, store.num_classes, cfg.crf,
+                                         store.class_names) if res["shown"] else None),
+        probes=probes_state).parent
     nc = blocks["no_crf"]
     msg = (f"eval {name}: cluster acc {nc['cluster_acc']:.1f} mIoU {nc['cluster_miou']:.1f} | "
            f"linear acc {nc['linear_acc']:.1f} mIoU {nc['linear_miou']:.1f}")

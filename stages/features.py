@@ -23,13 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts.features import FeatureCacheWriter
 from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
-from pipeline.featstore import (STORE_NAME, _array_metas, check_units, chunk_key, chunk_records,
-                                create_split, marker_path)
-from pipeline.integrity import (NonFinite, clean_orphans, disk_guard, hold_lock, nonfinite_rows,
-                                releases_locks, require_device)
-from pipeline.store import Markers, atomic_write_json, check_or_write_manifest
+from pipeline.integrity import NonFinite, nonfinite_rows, releases_locks, require_device
 
 log = logging.getLogger("ppap.features")
 
@@ -124,42 +121,6 @@ def _describe(cfg: FeaturesConfig) -> dict[str, Any]:
     return manifest
 
 
-def _prepare_store(cfg: FeaturesConfig, manifest: dict[str, Any]):
-    import zarr
-
-    out = Path(cfg.out)
-    path = out / STORE_NAME
-    if path.exists() and not (path / "zarr.json").is_file():
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
-        raise ValueError(
-            f"{path} exists but is not a Zarr v3 store written by ppap-pipe (found {found}); "
-            "it was left untouched: use another --out or delete it"
-        )
-    try:
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
-    except Exception as exc:
-        raise ValueError(
-            f"{path} exists but is not a Zarr v3 store this version can write ({exc}); "
-            "use another --out or delete it"
-        ) from None
-    old = root.attrs.get("manifest")
-    if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
-        raise ValueError(
-            f"{path} holds a cache with fingerprint {old.get('fingerprint')} "
-            f"but this run has {manifest['fingerprint']}; use another --out or delete it"
-        )
-    model, info, _ = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
-    for split, s in manifest["splits"].items():
-        h, w = s["grid"]
-        create_split(
-            root, split, s["n_crops"], n_tokens=1 + h * w, dim=info.embed_dim, grid=(h, w),
-            side=s["side"], labelled=manifest["has_labels"],
-            chunk=cfg.chunk_size * CROPS_PER_IMAGE[split],
-        )
-    root.attrs["manifest"] = manifest
-    return root
-
-
 def _units(cfg: FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
     units = []
     for split, s in manifest["splits"].items():
@@ -172,7 +133,6 @@ def _units(cfg: FeaturesConfig, manifest: dict[str, Any]) -> list[Unit]:
 def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
     import torch
-    import zarr
 
     from pipeline.backbones import forward_tokens, input_size
     from pipeline.datasets import CorruptImage, eval_view, five_crops, patch_labels
@@ -236,54 +196,17 @@ def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
                 "written. Check the --weights file (a damaged checkpoint gives NaN) and rerun")
 
     lo, hi = unit.start * per, unit.stop * per
-    store_path = Path(cfg.out) / STORE_NAME
-    # every chunk is written, even all-zero ones: a chunk file that is missing is then always
-    # damage, never "all fill value"
-    with zarr.config.set({"array.write_empty_chunks": True}), disk_guard(store_path / unit.split):
-        g = zarr.open_group(str(store_path), mode="r+")[unit.split]
-        g["tokens"][lo:hi] = mids
-        g["feats"][lo:hi] = feats
-        g["rgb"][lo:hi] = np.stack(rgbs)
-        g["image_index"][lo:hi] = np.asarray(img_idx, np.int32)
-        g["crop_box"][lo:hi] = np.asarray(boxes, np.int32).reshape(-1, 4)
-        if "labels" in g:
-            lab = np.stack(labels).astype(np.int16)
-            g["labels"][lo:hi] = lab
-            g["patch_labels"][lo:hi] = np.stack([patch_labels(l, grid) for l in lab]).astype(np.int16)
-        g["valid"][lo:hi] = np.asarray(valid, np.uint8)  # last array written
+    arrays = {"tokens": mids, "feats": feats, "rgb": np.stack(rgbs),
+              "image_index": np.asarray(img_idx, np.int32),
+              "crop_box": np.asarray(boxes, np.int32).reshape(-1, 4),
+              "valid": np.asarray(valid, np.uint8)}
+    if ds.has_labels:
+        lab = np.stack(labels).astype(np.int16)
+        arrays["labels"] = lab
+        arrays["patch_labels"] = np.stack([patch_labels(l, grid) for l in lab]).astype(np.int16)
     stats = {"images": unit.n_images, "crops": hi - lo, "skipped": skipped,
-             "seconds": round(time.perf_counter() - t0, 3),
-             "chunks": chunk_records(cfg.out, unit.split, unit.chunk)}
-    Markers(Path(cfg.out) / "markers" / "features").mark(unit.key, stats)
-    return stats
-
-
-def _check_done_units(cfg: FeaturesConfig, manifest: dict[str, Any], units: list[Unit]) -> set[str]:
-    """Keys of units whose marker and chunk files are intact (checksums verified).
-
-    Damaged units (missing/cut-off chunk file, checksum mismatch, empty marker) lose their
-    marker and chunk files and are recomputed. Markers of older versions get checksums.
-    """
-    out = Path(cfg.out)
-    by_key = {u.key: u for u in units}
-    ok: set[str] = set()
-    for split in manifest["splits"]:
-        for check in check_units(out, manifest, split, deep=True):
-            if check.key not in by_key or check.state == "missing":
-                continue
-            if check.state == "damaged":
-                log.warning("features: chunk %s is damaged (%s); recomputing it", check.key,
-                            check.reason)
-                marker_path(out, check.key).unlink(missing_ok=True)
-                for name, meta in _array_metas(out / STORE_NAME, split).items():
-                    (out / STORE_NAME / split / name / chunk_key(meta, by_key[check.key].chunk)
-                     ).unlink(missing_ok=True)
-                continue
-            if check.legacy:
-                stats = json.loads(marker_path(out, check.key).read_text())
-                Markers(out / "markers" / "features").mark(check.key, {**stats, "chunks": check.records})
-            ok.add(check.key)
-    return ok
+             "seconds": round(time.perf_counter() - t0, 3)}
+    return FeatureCacheWriter(cfg.out).write_unit(unit.split, unit.chunk, lo, hi, arrays, stats)
 
 
 @releases_locks
@@ -299,20 +222,11 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
     log.info("features: dataset=%s backbone=%s out=%s device=%s seed=%d", cfg.dataset,
              cfg.backbone, out, cfg.device, cfg.seed)
     manifest = _describe(cfg)
-    hold_lock(out, "feature cache", name=".features.lock")
-    for path, deep in ((out, False), (out / STORE_NAME, True), (out / "markers", True)):
-        clean_orphans(path, recursive=deep)
-    check_or_write_manifest(
-        out / "features_manifest.json",
-        {k: manifest[k] for k in ("dataset", "backbone", "weights_fingerprint", "seed",
-                                  "preprocessing", "limit", "chunk_size", "splits")},
-        what="feature cache",
-    )
-    _prepare_store(cfg, manifest)
-    atomic_write_json(out / "features_config.json", to_dict(cfg))
-    markers = Markers(out / "markers" / "features")
+    writer = FeatureCacheWriter(out)
+    writer.open(manifest, {s: cfg.chunk_size * CROPS_PER_IMAGE[s] for s in manifest["splits"]},
+                to_dict(cfg))
     units = _units(cfg, manifest)
-    intact = _check_done_units(cfg, manifest, units)
+    intact = writer.intact_units(manifest, {u.key: u.chunk for u in units})
     todo = [u for u in units if u.key not in intact]
     log.info("features: %d chunks, %d already done", len(units), len(units) - len(todo))
     t0 = time.perf_counter()
@@ -321,9 +235,9 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
         desc="features", unit_weight=lambda u: u.n_images, rate_unit="img",
     )
     elapsed = time.perf_counter() - t0
-    skipped = [s for u in units for s in markers.read(u.key).get("skipped", [])]
+    skipped = [s for u in units for s in writer.unit_stats(u.key).get("skipped", [])]
     report = {
-        "store": str(out / STORE_NAME),
+        "store": str(writer.path),
         "fingerprint": manifest["fingerprint"],
         "chunks": len(units),
         "chunks_computed": len(todo),
@@ -332,9 +246,9 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
         "skipped_images": skipped,
         "seconds": round(elapsed, 2),
     }
-    atomic_write_json(out / "features_report.json", report)
+    report_path = writer.write_report(report)
     if skipped:
         log.warning("features: %d unreadable image(s) skipped (valid=0 in the cache); see %s",
-                    len(skipped), out / "features_report.json")
+                    len(skipped), report_path)
     log.info("features: done -> %s", json.dumps({k: report[k] for k in ("images", "crops", "seconds")}))
     return report

@@ -18,11 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import ShowConfig
-from pipeline.featstore import take_rows
-from pipeline.integrity import hold_lock, releases_locks
-from pipeline.viz import colourise, palette
+from pipeline.artifacts.features import FeatureStore, take_rows
+from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.mined import MinedSets
 from pipeline.audit import subset_shard
+from pipeline.config import ShowConfig
+from pipeline.integrity import hold_lock, releases_locks
+from pipeline.shards import recover_sets
+from pipeline.viz import colourise, palette
 
 log = logging.getLogger("ppap.show")
 
@@ -160,11 +163,8 @@ def _choose_anchors(cfg: ShowConfig, m: int) -> list[int]:
 @releases_locks
 def run(cfg: ShowConfig) -> list[Path]:
     """Render the chosen anchors of shard (epoch, batch) of `<out>/mine/<mined>/`."""
-    from pipeline.shards import recover_sets
-    from stages.mine import load_batch
-
     out = Path(cfg.out)
-    store, shard, F = load_batch(out, cfg.mined, cfg.epoch, cfg.batch)
+    store, shard, F = MinedSets.open(FeatureStore(out), cfg.mined).load_batch(cfg.epoch, cfg.batch)
     images = np.asarray(shard.images, np.int64)
     anchors = np.asarray(shard.anchors, np.int64)
     chosen = _choose_anchors(cfg, anchors.shape[0])
@@ -174,7 +174,7 @@ def run(cfg: ShowConfig) -> list[Path]:
     labels = take_rows(g["labels"], images) if store.has_labels and "labels" in g else None
     patch_label = take_rows(g["patch_labels"], images).reshape(-1) if labels is not None else None
     names = store.class_names if labels is not None else None
-    dest = Path(cfg.dest) if cfg.dest else out / "show" / cfg.mined
+    dest = Path(cfg.dest) if cfg.dest else RunLayout(out).show(cfg.mined)
     grid = store.grid("train")
     hold_lock(dest, "picture folder")
     written = []

@@ -20,9 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.mined import MinedSets
+from pipeline.artifacts.training import TrainRun
 from pipeline.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
-from pipeline.config import MineConfig, SweepConfig, TrainConfig, mine_config_dict, resolve, to_dict
-from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.config import SweepConfig, TrainConfig, resolve, to_dict
+from pipeline.store import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("ppap.sweep")
 
@@ -79,18 +82,16 @@ def mined_for(cfg: SweepConfig, mine_values: dict[str, Any]) -> str:
         return cfg.mined
     from stages import mine as mine_stage
 
-    base_dir = Path(cfg.out) / "mine" / cfg.mined
-    if not (base_dir / "config.json").is_file():
-        raise ValueError(f"the base mined sets {base_dir} do not exist; run `ppap-pipe mine --out "
+    base = MinedSets(cfg.out, cfg.mined)
+    if not base.config_path.is_file():
+        raise ValueError(f"the base mined sets {base.dir} do not exist; run `ppap-pipe mine --out "
                          f"{cfg.out} --name {cfg.mined}` first (the grid changes its thresholds)")
-    base = read_json(base_dir / "config.json")
-    if base.get("criterion") not in ("ppap", "p0"):
+    if base.criterion not in ("ppap", "p0"):
         raise ValueError(f"the grid changes mining thresholds, but {cfg.mined!r} was mined with "
-                         f"criterion {base.get('criterion')!r}; give a ppap or p0 run as --mined")
+                         f"criterion {base.criterion!r}; give a ppap or p0 run as --mined")
     name = f"{cfg.mined}-{point_label(mine_values)}"
-    mcfg = MineConfig(**{**mine_config_dict(base),
-                         **mine_values, "name": name, "out": cfg.out, "device": cfg.device,
-                         "workers": 0, "scheduler": None})
+    mcfg = base.mine_config(**mine_values, name=name, out=cfg.out, device=cfg.device, workers=0,
+                            scheduler=None)
     mine_stage.run(mcfg)  # resumable: finished shards are skipped
     return name
 
@@ -121,12 +122,11 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         tcfg = dataclasses.replace(base, mined=mined, name=f"{cfg.name}-{label}", **train_values)
         log.info("sweep %s: run %d/%d %s", cfg.name, i + 1, len(points), label)
         summary = train_stage.run(tcfg)
-        run_dir = Path(summary["run_dir"])
-        records = [r for r in _read_jsonl(run_dir / "selection.jsonl")]
+        records = TrainRun(cfg.out, tcfg.run_name).selection_records()
         results.append({"label": label, "point": point, "mined": mined, "run": tcfg.run_name,
                         "config": to_dict(tcfg), "records": records,
                         "selection": summary.get("selection")})
-    dest = Path(cfg.out) / "sweep" / cfg.name
+    dest = RunLayout(cfg.out).sweep(cfg.name)
     report = {"name": cfg.name, "grid": grid, "fixed": fixed, "base": to_dict(base),
               "runs": results}
     atomic_write_json(dest / "results.json", report)
@@ -135,14 +135,6 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     plot_sweep(results, dest / "sweep.png")
     log.info("sweep %s: wrote %s\n%s", cfg.name, dest, table)
     return report
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def summarise_run(records: list[dict[str, Any]], rank_floor: float) -> dict[str, Any]:

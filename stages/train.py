@@ -1,9 +1,10 @@
 """Stage 3: train the fine-tuned branch and the probes from cached mid tokens and mined shards.
 
-Reads `<out>/features.zarr` (never runs the frozen backbone) and `<out>/mine/<mined>/`; writes
-`<out>/train/<run>/`: manifest.json (identity), config.json (resolved config), metrics.jsonl
-(one line per step) and last.pt (atomic, sha256 in last.pt.sha256; keys in pipeline/model.py).
-One writer per run directory (lock `<run>/.lock`); inputs are checked for NaN/Inf per batch and
+Reads the feature cache (never runs the frozen backbone) and the mined sets
+(pipeline.artifacts.mined.MinedSets); writes the training run `<out>/train/<run>/` through
+pipeline.artifacts.training.TrainRun: manifest, config, metrics.jsonl (one line per step),
+selection records and the checkpoints last/best/labelfree.pt (atomic, with checksums). One
+writer per run directory (lock `<run>/.lock`); inputs are checked for NaN/Inf per batch and
 training stops at the first non-finite loss or gradient, before the weights change.
 
 Epoch e trains on the batches of mined plan e % n_plans, in batch order. Step = one shard:
@@ -14,28 +15,27 @@ run killed after a checkpoint and rerun resumes to the same weights as an uninte
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import dataclasses
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig, config_hash, mined_plans, to_dict
-from pipeline.executor import StageInterrupted, timed
-from pipeline.featstore import FeatureStore, take_rows
-from pipeline.integrity import NonFinite, clean_orphans, disk_guard, hold_lock, releases_locks, write_checked
+from pipeline.artifacts.features import FeatureStore, normalise, take_rows
+from pipeline.artifacts.mined import MinedSets
+from pipeline.artifacts.training import TrainRun
+from pipeline.config import TrainConfig, to_dict
+from pipeline.executor import StageInterrupted, progress, timed
+from pipeline.integrity import NonFinite, releases_locks
 from pipeline.loss import ppap_loss
-from pipeline.model import CKPT_FORMAT, build_model, read_checkpoint
+from pipeline.model import CKPT_FORMAT, build_model
 from pipeline.probes import code_stats, spherical_kmeans
 from pipeline.selection import Holdout, best_choice, labelfree_choice
-from pipeline.store import atomic_write_json, check_or_write_manifest, code_version, read_json
+from pipeline.store import code_version
 
 log = logging.getLogger("ppap.train")
 
@@ -56,69 +56,6 @@ _REPRO_MIN_COS = 0.9999
 def _gather(arr, crops: np.ndarray) -> np.ndarray:
     """Rows `crops` (any order, distinct) of a zarr array, in that order."""
     return take_rows(arr, crops)
-
-
-@dataclass(frozen=True)
-class MinedRun:
-    """A finished mined-set directory that belongs to the feature cache being trained on."""
-
-    dir: Path
-    fingerprint: str  # hash of its manifest identity
-    plans: list[list[Path]]  # shard paths per batch plan, in batch order
-    holdout: float = 0.0  # fraction of source images the mining kept out
-    holdout_crops: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-
-    @property
-    def n_plans(self) -> int:
-        return len(self.plans)
-
-
-def mined_run(out: Path, mined: str, store: FeatureStore) -> MinedRun:
-    """Open `<out>/mine/<mined>/`; refuses shards of another cache and unfinished mining."""
-    from pipeline import batching, shards
-
-    mine_dir = out / "mine" / mined
-    mpath = mine_dir / "manifest.json"
-    rerun = f"rerun `ppap-pipe mine --out {out} --name {mined}` with the same settings to finish it"
-    if not mpath.is_file():
-        raise ValueError(
-            f"no mined sets named {mined!r} at {mine_dir}; run `ppap-pipe mine --out {out} "
-            f"--name {mined}` first, or pass the --mined name of an existing run"
-        )
-    identity = read_json(mpath).get("identity", {})
-    theirs = identity.get("features_fingerprint")
-    if theirs != store.fingerprint:
-        raise ValueError(
-            f"the mined sets {mine_dir} were mined from a feature cache with fingerprint "
-            f"{theirs!r}, but {store.path} has fingerprint {store.fingerprint!r}; mine again "
-            "from this cache (another --name) or train with the cache they belong to"
-        )
-    n_plans = int(shards.n_epochs(mine_dir))
-    want_plans = want_batches = None
-    holdout, held = 0.0, np.zeros(0, np.int64)
-    if (mine_dir / "config.json").is_file():  # what the mine stage was asked to produce
-        mcfg = read_json(mine_dir / "config.json")
-        g = store.split("train")
-        holdout = float(mcfg.get("holdout", 0.0))
-        valid = g["valid"][:] if "valid" in g else np.ones(store.n("train"), np.uint8)
-        index = g["image_index"][:] if "image_index" in g else np.arange(store.n("train"))
-        items, held = batching.holdout_split(int(mcfg["seed"]), index, valid, holdout)
-        want_plans = mined_plans(mcfg)
-        want_batches = len(batching.batch_plan(int(mcfg["seed"]), 0, len(items),
-                                               int(mcfg["batch_size"])))
-    if n_plans == 0 or (want_plans is not None and n_plans < want_plans):
-        raise ValueError(f"mining in {mine_dir} is unfinished ({n_plans} of "
-                         f"{want_plans or '?'} batch plans complete); {rerun}")
-    plans = []
-    for e in range(want_plans or n_plans):
-        paths = [Path(p) for p in shards.iter_shards(mine_dir, e)]
-        have = [p.name for p in paths]
-        n = want_batches or len(paths)
-        if have != [shards.shard_path(mine_dir, e, b).name for b in range(n)]:
-            raise ValueError(f"mining in {mine_dir} is unfinished (plan {e} has {len(paths)} of "
-                             f"{n} batches, or a gap); {rerun}")
-        plans.append(paths)
-    return MinedRun(mine_dir, config_hash(identity), plans, holdout, held)
 
 
 def load_frozen_backbone(manifest: dict[str, Any]):
@@ -161,45 +98,6 @@ def check_reproduces_cache(branch, store: FeatureStore,
             "the backbone weights differ from those that made the cache: rebuild the cache"
         )
     return {"rel_err": rel, "min_cos": cos}
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save atomically, with the file's sha256 in `<path>.sha256` (verified on load)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_checked(path, buf.getvalue())
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint's step (they are recomputed after a resume)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a torn last line
-    path.write_text("".join(k + "\n" for k in keep))
-
-
-def _resume_point(ckpt_path: Path) -> str:
-    """Where a rerun resumes: the step of the checkpoint on disk, or step 0 when there is none."""
-    if not ckpt_path.is_file():
-        return f"no checkpoint was written yet ({ckpt_path} does not exist), so it starts at step 0"
-    try:
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"]
-        return f"it resumes from the checkpoint {ckpt_path} at step {step}"
-    except Exception:  # noqa: BLE001 - only for the message
-        return f"it resumes from the last checkpoint {ckpt_path}"
-
-
-def _last_metric(path: Path, key: str):
-    if not path.exists():
-        return None
-    lines = path.read_text().splitlines()
-    return json.loads(lines[-1]).get(key) if lines else None
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -278,7 +176,6 @@ def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: in
     """Centroids <- spherical k-means of the frozen training code (= the branch's initial code)
     on a seeded sample of at most CLUSTER_INIT_ROWS patches of `crops`; returns rows used."""
     from pipeline.batching import sample_patches
-    from pipeline.featstore import normalise
 
     h, w = store.grid("train")
     n = min(CLUSTER_INIT_ROWS, len(crops) * h * w)
@@ -292,10 +189,11 @@ def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: in
     return n
 
 
-def _frozen_scores(out: Path, store: FeatureStore, holdout: Holdout, branch, seed: int) -> dict[str, Any]:
+def _frozen_scores(run: TrainRun, store: FeatureStore, holdout: Holdout, branch,
+                   seed: int) -> dict[str, Any]:
     """Step-0 held-out scores: the branch equals the frozen features there, so every run on the
-    same cache, holdout and seed gets the same record; it is computed once and kept in
-    `<out>/train/.frozen-holdout/<key>.json` (a pure cache: delete it freely)."""
+    same cache, holdout and seed gets the same record; it is computed once and kept beside the
+    runs (TrainRun.frozen_scores, a pure cache)."""
     import hashlib
 
     from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2, LINEAR_MAX_ITER, LINEAR_TOL
@@ -305,37 +203,11 @@ def _frozen_scores(out: Path, store: FeatureStore, holdout: Holdout, branch, see
         "crops": hashlib.sha256(np.ascontiguousarray(holdout.crops, "<i8").tobytes()).hexdigest(),
         "probes": [LINEAR_L2, LINEAR_TOL, LINEAR_MAX_ITER, KMEANS_NITER, KMEANS_NREDO],
     }, sort_keys=True).encode()).hexdigest()[:16]
-    path = out / "train" / ".frozen-holdout" / f"{key}.json"
-    if path.is_file():
-        try:
-            return read_json(path)
-        except (OSError, ValueError):
-            pass  # unreadable cache entry: score again and overwrite it
-    scores = holdout.score(branch, seed)
-    atomic_write_json(path, scores)
+    scores = run.frozen_scores(key)
+    if scores is None:
+        scores = holdout.score(branch, seed)
+        run.save_frozen_scores(key, scores)
     return scores
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    with disk_guard(path), open(path, "a") as fh:
-        fh.write(json.dumps(rec) + "\n")
-
-
-def _check_shard_markers(mined: MinedRun) -> None:
-    """Refuse shards without a checksum (older ppap-pipe) before any training (markers only)."""
-    from pipeline import shards
-
-    for plan in mined.plans:
-        for p in plan:
-            if shards.read_marker(p).get("sha256") is None:
-                raise ValueError(f"{p} was mined by an older ppap-pipe and has no checksum; "
-                                 f"{shards.remine_hint(p)}")
 
 
 @releases_locks
@@ -347,7 +219,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     store = FeatureStore(out)
     store.split("train")  # refuses an unfinished or damaged cache first
-    mined = mined_run(out, cfg.mined, store)
+    mined = MinedSets.open(store, cfg.mined)
+    plans = mined.complete_plans()  # refuses unfinished mining
     if cfg.holdout is not None and abs(cfg.holdout - mined.holdout) > 1e-12:
         raise ValueError(
             f"holdout={cfg.holdout}, but the mined sets {mined.dir} keep out holdout="
@@ -355,9 +228,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"which crops form the batches): mine again with `ppap-pipe mine --holdout {cfg.holdout}"
             f" --name NAME` and train on that, or drop --holdout"
         )
-    _check_shard_markers(mined)
-    n_plans = mined.n_plans
-    run_dir = out / "train" / cfg.run_name
+    mined.check_checksums(plans)
+    n_plans = len(plans)
+    run = TrainRun(out, cfg.run_name)
+    run_dir = run.dir
     dev = _device(cfg)
     version = code_version()
     log.info("train: run %s on mined %s (%d plan(s)), seed %d, device %s, code %s", run_dir,
@@ -395,11 +269,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     cfg_dict = to_dict(cfg)
     identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
-                    mined_plans=[len(p) for p in mined.plans], holdout=mined.holdout)
-    hold_lock(run_dir, "training run")
-    clean_orphans(run_dir)
-    check_or_write_manifest(run_dir / "manifest.json", identity, what="training run")
-    atomic_write_json(run_dir / "config.json", cfg_dict)
+                    mined_plans=[len(p) for p in plans], holdout=mined.holdout)
+    run.begin(identity, cfg_dict)
 
     opt_net, opt_lin, opt_clu = make_optimisers(branch, linear, cluster, cfg)
     models, opts = (branch, linear, cluster), (opt_net, opt_lin, opt_clu)
@@ -412,17 +283,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "n_clusters": cluster.n_clusters, "has_labels": store.has_labels,
         "class_names": store.class_names,
     }
-    ckpt_path = run_dir / "last.pt"
-    metrics_path = run_dir / "metrics.jsonl"
-    select_path = run_dir / "selection.jsonl"
+    last = run.checkpoint("last")
+    ckpt_path = last.path
     step, epoch, batch, finished = 0, 0, 0, False
-    if ckpt_path.exists():
-        ck = read_checkpoint(ckpt_path, map_location=dev, fix=(
+    if last.exists():
+        ck = last.read(map_location=dev, fix=(
             f"delete {ckpt_path} and {ckpt_path.name}.sha256 to train {run_dir.name} again from "
             "step 0, or restore the file"))
-        if ck.get("format") != CKPT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a {CKPT_FORMAT} checkpoint; delete {run_dir} "
-                             "to start again")
         branch.load_state_dict(ck["branch"])
         cluster.load_state_dict(ck["cluster_probe"])
         opt_net.load_state_dict(ck["opt_net"])
@@ -438,12 +305,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             np.flatnonzero(store.split("train")["valid"][:]), mined.holdout_crops)
         with timed("train: cluster probe <- spherical k-means of the initial code", log):
             init_cluster_probe(cluster, store, train_crops, cfg.seed)
-    _truncate_metrics(metrics_path, step)
-    _truncate_metrics(select_path, step)
-    records = _read_jsonl(select_path)
+    run.truncate_records(step)
+    records = run.selection_records()
 
-    def save(path: Path, finished_now: bool, selection: dict[str, Any] | None = None) -> None:
-        _atomic_torch_save({
+    def save(kind: str, finished_now: bool, selection: dict[str, Any] | None = None) -> None:
+        run.checkpoint(kind).write({
             "format": CKPT_FORMAT,
             "branch": branch.state_dict(),
             "linear_probe": linear.state_dict() if linear is not None else None,
@@ -455,7 +321,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             "config": cfg_dict, "model": meta,
             "features_fingerprint": store.fingerprint, "mined_fingerprint": mined.fingerprint,
             "code_version": version, "selection": selection,
-        }, path)
+        })
 
     recent_losses: list[float] = []
     warned = {"collapse": False}
@@ -465,7 +331,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if holdout is None or (records and records[-1]["step"] == step):
             return
         t0 = time.perf_counter()
-        scores = (_frozen_scores(out, store, holdout, branch, cfg.seed) if step == 0
+        scores = (_frozen_scores(run, store, holdout, branch, cfg.seed) if step == 0
                   else holdout.score(branch, cfg.seed))
         rec = {"step": step, "epoch": epoch, "batch": batch, **scores,
                "train_loss": (round(float(np.mean(recent_losses)), 5) if recent_losses else None)}
@@ -486,17 +352,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         where = {"holdout": mined.holdout, "holdout_crops": int(len(holdout.crops)),
                  "holdout_images": holdout.n_images}
         if rec["is_best"]:
-            save(run_dir / "best.pt", finished_now, {**rec, **where, "metric": select_metric})
+            save("best", finished_now, {**rec, **where, "metric": select_metric})
         if rec["is_labelfree"]:
-            save(run_dir / "labelfree.pt", finished_now,
+            save("labelfree", finished_now,
                  {**rec, **where, "metric": "labelfree", "rank_floor": cfg.rank_floor})
-        _append_jsonl(select_path, rec)
+        run.append_selection(rec)
         shown = {k: rec[k] for k in ("cluster_miou", "linear_miou", "erank") if k in rec}
         log.info("train: held-out at step %d: %s%s", step,
                  " ".join(f"{k} {v:.2f}" for k, v in shown.items()),
                  " (best so far)" if rec["is_best"] else "")
 
-    plans = mined.plans
     total = sum(len(plans[e % n_plans]) for e in range(cfg.epochs))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -504,8 +369,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     labels_arr = store.split("train")["labels"] if linear is not None else None
     amp = cfg.amp and dev.type == "cuda"
     branch.train()
-
-    from pipeline.executor import progress
 
     if step == 0 and holdout is not None:
         with timed("train: scoring the frozen features on the held-out images (step 0)", log):
@@ -535,7 +398,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 except NonFinite as exc:
                     raise NonFinite(
                         f"training stopped at step {step + 1} (epoch {epoch}, batch {batch}, shard "
-                        f"{paths[batch]}): {exc}. The weights were not updated; {_resume_point(ckpt_path)}"
+                        f"{paths[batch]}): {exc}. The weights were not updated; {last.resume_point()}"
                         ". Lower --lr (or raise --tau), or check that shard's crops") from None
                 frozen = code_stats(F)
                 res["erank_frozen"] = round(frozen.erank, 4)
@@ -547,8 +410,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 rec = {"step": step, "epoch": epoch, "batch": batch - 1, "plan": epoch % n_plans,
                        **res, "time": round(time.perf_counter() - t0, 4),
                        "elapsed": round(time.perf_counter() - t_start, 3)}
-                with disk_guard(metrics_path), open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                run.append_metric(rec)
                 if res["erank"] < cfg.collapse_ratio * frozen.erank and not warned["collapse"]:
                     warned["collapse"] = True
                     log.warning("train: code is collapsing at step %d: effective rank %.2f vs "
@@ -563,27 +425,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if at_select:
                     select_point(False)
                 if (step % cfg.ckpt_every == 0 or at_select) and batch < len(paths):
-                    save(ckpt_path, False)
+                    save("last", False)
             if batch < len(paths):  # stopped by max_steps inside the epoch
                 break
             epoch, batch = epoch + 1, 0
             finished = epoch >= cfg.epochs
             if finished:
                 select_point(True)
-            save(ckpt_path, finished)
+            save("last", finished)
             log.info("train: epoch %d done at step %d (loss %.4f)", epoch - 1, step,
                      last_loss if last_loss is not None else float("nan"))
         if not finished:
             select_point(False)
-            save(ckpt_path, False)
+            save("last", False)
     except KeyboardInterrupt:
         raise StageInterrupted(
             f"training interrupted at step {step}; rerun the same command to resume: "
-            f"{_resume_point(ckpt_path)}") from None
+            f"{last.resume_point()}") from None
     finally:
         bar.close()
     if last_loss is None:  # nothing trained in this call: report the last recorded loss
-        last_loss = _last_metric(metrics_path, "loss")
+        last_loss = run.last_metric("loss")
 
     summary = {
         "run_dir": str(run_dir), "checkpoint": str(ckpt_path), "steps": step,
@@ -603,6 +465,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             "labelfree": {k: records[li].get(k) for k in _SELECT_KEYS} if li is not None else None,
             "frozen": {k: records[0].get(k) for k in _SELECT_KEYS},
         }
-        atomic_write_json(run_dir / "selection.json", summary["selection"])
+        run.write_selection(summary["selection"])
     log.info("train: %s", json.dumps(summary))
     return summary

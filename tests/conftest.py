@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.featstore import STORE_NAME, FeatureStore, create_split
+from pipeline.artifacts.features import STORE_NAME, FeatureStore, create_split
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import zarr
 
 from pipeline.audit import (
     AnchorStats, batch_stats, concat, fig1b_curve, format_table, parse_sweep, parse_sweep_spec,
-    sample_positions, subset_batch, summarise, sweep_points,
+    sample_positions, subset_batch, audit_summary, sweep_points,
 )
 from pipeline.config import AuditConfig, MineConfig, ShowConfig
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 
 from conftest import SplitSpec
 
@@ -62,7 +62,7 @@ def test_hand_example_counts():
 
 
 def test_hand_example_summary():
-    r = summarise(batch_stats(hand_batch()), num_classes=2, class_names=["road", "sky"])
+    r = audit_summary(batch_stats(hand_batch()), num_classes=2, class_names=["road", "sky"])
     assert r["n_anchors"] == 2 and r["n_skipped"] == 1
     assert r["n_pos"] == pytest.approx(1.5)  # (3 + 0) / 2
     assert r["tp_in_p"] == pytest.approx(200 / 3)  # only anchor 0 has positives: 2/3
@@ -109,7 +109,7 @@ def second_batch() -> dict:
 
 def test_aggregation_over_two_batches_is_exact():
     s = concat([batch_stats(hand_batch()), batch_stats(second_batch())])
-    r = summarise(s, num_classes=3)
+    r = audit_summary(s, num_classes=3)
     assert r["n_anchors"] == 3 and r["n_skipped"] == 1
     assert r["n_pos"] == pytest.approx(4 / 3)  # (3 + 0 + 1) / 3 anchors
     assert r["tp_in_p"] == pytest.approx(100 * (2 / 3 + 1) / 2)  # per anchor with |P| > 0
@@ -122,7 +122,7 @@ def test_aggregation_over_two_batches_is_exact():
     assert [c["n_anchors"] for c in r["per_class"]] == [1, 1, 1]
     assert r["per_class"][2]["precision"] == pytest.approx(100.0)
     # per-anchor means over all anchors of all batches, whatever the batch split
-    one = summarise(concat([batch_stats(hand_batch())]), num_classes=3)
+    one = audit_summary(concat([batch_stats(hand_batch())]), num_classes=3)
     assert one["tp_in_p_pooled"] != r["tp_in_p_pooled"]
 
 
@@ -260,7 +260,7 @@ def test_parse_sweep_duplicate_name():
 
 
 def test_format_table():
-    r = summarise(batch_stats(hand_batch()), num_classes=2)
+    r = audit_summary(batch_stats(hand_batch()), num_classes=2)
     text = format_table([{**r, "name": "ppap"}])
     assert "%FP in N" in text and "ppap" in text and "1 (50.0%)" in text
 
@@ -392,7 +392,7 @@ def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
     out, _ = mined_store
     with pytest.raises(ValueError, match="different batches/anchors.*seed"):
         stage.run(AuditConfig(out=str(out), mined=("ppap", "other_seed")))
-    with pytest.raises(ValueError, match="no mined sets 'nope'.*found: hp, other_seed, p0, ppap"):
+    with pytest.raises(ValueError, match="no mined sets named 'nope'.*found: hp, other_seed, p0, ppap"):
         stage.run(AuditConfig(out=str(out), mined=("nope",)))
     with pytest.raises(ValueError, match="epoch=3 does not exist"):
         stage.run(AuditConfig(out=str(out), mined=("ppap",), epoch=3))

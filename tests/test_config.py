@@ -113,8 +113,9 @@ def test_a_mined_run_from_before_the_rename_is_still_read(fake_cache, tmp_path, 
     """config.json / manifest of an older run say `epochs`: train, audit, sweep and a rerun of
     mine read them, and its identity (fingerprint) is unchanged."""
     from pipeline.config import AuditConfig, SweepConfig
-    from pipeline.featstore import FeatureStore
-    from stages import audit, mine, sweep, train
+    from pipeline.artifacts.features import FeatureStore
+    from pipeline.artifacts.mined import MinedSets
+    from stages import audit, mine, sweep
 
     make_store(fake_cache, tmp_path)
     cfg = mine_run(tmp_path, "old", plans=2)
@@ -126,8 +127,8 @@ def test_a_mined_run_from_before_the_rename_is_still_read(fake_cache, tmp_path, 
         conf["epochs"] = conf.pop("plans")  # as ppap-pipe wrote it before the rename
         path.write_text(json.dumps(data))
     store = FeatureStore(tmp_path)
-    run = train.mined_run(tmp_path, "old", store)
-    assert run.n_plans == 2
+    run = MinedSets.open(store, "old")
+    assert len(run.complete_plans()) == 2
     assert mine_config_dict(json.loads((d / "config.json").read_text()))["plans"] == 2
     # a rerun of mine into it is not refused and finds everything done
     with caplog.at_level(logging.INFO, logger="ppap.mine"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.metrics import cluster_scores
 from pipeline.config import EvalConfig
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 from stages import evaluate
 
 from conftest import SplitSpec

@@ -25,7 +25,7 @@ import zarr
 from pipeline import shards
 from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.executor import StageInterrupted
-from pipeline.featstore import STORE_NAME, FeatureStore, chunk_records, marker_path
+from pipeline.artifacts.features import STORE_NAME, FeatureStore, chunk_records, marker_path
 from pipeline.integrity import CorruptArtifact, DiskFull, NonFinite, RunLock, RunLocked
 from stages import evaluate, features, mine, train
 

@@ -16,7 +16,7 @@ import zarr
 from PIL import Image
 
 from pipeline.config import FeaturesConfig
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 from pipeline.store import ManifestMismatch
 from stages import features as stage
 

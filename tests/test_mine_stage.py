@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import shards
 from pipeline.config import MineConfig
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 from pipeline.store import ManifestMismatch
 from stages import features, mine
 
@@ -145,7 +145,7 @@ def test_export_matches_brute_force(cache, thresholds, tmp_path):
     assert r.returncode == 0, r.stderr
     z = dict(np.load(to))
     store = FeatureStore(cache)
-    images = mine.batch_images(cfg, 0, 1)
+    images = mine.mining_plan(cfg).batch_images(0, 1)
     np.testing.assert_array_equal(z["features"], store.mining_features(images))
     N = len(z["features"])
     assert z["patch_label"].shape == (N,) and z["image_index"].shape == (N,)

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import AuditConfig, MineConfig, ShowConfig, TrainConfig
 from pipeline import shards
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 from pipeline.store import ManifestMismatch
 from stages import mine
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline import batching, shards
 from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
-from pipeline.featstore import FeatureStore
+from pipeline.artifacts.features import FeatureStore
 from pipeline.selection import best_choice, labelfree_choice
 from stages import features, mine, train
 
@@ -63,7 +63,7 @@ def test_holdout_split_keeps_whole_images_out_and_is_seeded():
 
 def test_held_out_crops_are_never_mined(cache, mined):
     cfg = mine_cfg(cache)
-    held = set(mine.holdout_items(cfg).tolist())
+    held = set(mine.mining_plan(cfg).held.tolist())
     store = FeatureStore(cache)
     src = np.asarray(store.split("train")["image_index"][:])
     assert len(np.unique(src[sorted(held)])) == int(N_IMAGES * HOLDOUT)
@@ -73,7 +73,7 @@ def test_held_out_crops_are_never_mined(cache, mined):
             images = set(z["images"].tolist())
         assert not images & held, path
         seen |= images
-    assert seen == set(mine.train_items(cfg).tolist())  # every other crop is mined
+    assert seen == set(mine.mining_plan(cfg).items.tolist())  # every other crop is mined
     assert json.loads((mined / "config.json").read_text())["holdout"] == HOLDOUT
     # another holdout is another identity: refused in the same directory
     with pytest.raises(Exception, match="holdout"):
@@ -92,7 +92,7 @@ def test_training_selects_on_the_holdout_only(cache, mined):
     recs = _records(run_dir)
     steps = summary["steps"]
     assert [r["step"] for r in recs] == sorted({0, *range(2, steps + 1, 2), steps})
-    held = mine.holdout_items(mine_cfg(cache))
+    held = mine.mining_plan(mine_cfg(cache)).held
     ck = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     assert ck["selection"]["holdout_crops"] == len(held)
     for r in recs:
@@ -115,6 +115,7 @@ def test_training_selects_on_the_holdout_only(cache, mined):
 
 
 def test_eval_checkpoint_choices(cache, mined):
+    from pipeline.artifacts.training import TrainRun
     from stages import evaluate
 
     train.run(TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
@@ -125,7 +126,7 @@ def test_eval_checkpoint_choices(cache, mined):
     assert first("ev") == first("sel")
     for ck in ("best", "last", "labelfree"):
         assert (cache / "train" / "ev" / f"{ck}.pt").is_file()
-        assert evaluate.checkpoint_path(EvalConfig(out=str(cache), trained="ev", checkpoint=ck)).name == f"{ck}.pt"
+        assert TrainRun(cache, "ev").checkpoint_for_eval(ck)[1].path.name == f"{ck}.pt"
     assert evaluate.report_name(EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
 
 

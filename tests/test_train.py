@@ -14,9 +14,10 @@ from pipeline import shards
 from pipeline.backbones import forward_tokens, load_backbone
 from pipeline.batching import anchor_rows, batch_plan
 from pipeline.config import TrainConfig
-from pipeline.featstore import STORE_NAME, FeatureStore
+from pipeline.artifacts.features import STORE_NAME, FeatureStore
 from pipeline.mining import MineParams, mine_batch
-from pipeline.model import CKPT_FORMAT, load_trained
+from pipeline.artifacts.training import load_trained
+from pipeline.model import CKPT_FORMAT
 from pipeline.store import ManifestMismatch, atomic_write_json, check_or_write_manifest
 from stages import train
 

@@ -1,4 +1,7 @@
-"""The stage-1 feature cache: one Zarr v3 group per run, `<out>/features.zarr`.
+"""The feature-cache artifact: `<out>/features.zarr` (Zarr v3), its manifest and chunk markers.
+
+`FeatureStore` reads a cache (refusing unfinished or damaged splits, verifying chunk checksums,
+refusing NaN/Inf rows); `FeatureCacheWriter` is the only code that writes one (stage 1 calls it).
 
 Layout (one group per split, n = crops in the split; the training split holds 5 crops/image):
 
@@ -12,6 +15,7 @@ Layout (one group per split, n = crops in the split; the training split holds 5 
       <split>/crop_box      (n, 4)        int32    x0, y0, x1, y1 in source pixels
       <split>/valid         (n,)          uint8    1 = written from a readable image
     <out>/markers/features/<split>-<chunk>.done   completion marker per chunk, written last
+    <out>/features_manifest.json, features_config.json, features_report.json   (RunLayout)
 
 Arrays are preallocated and written by index; a chunk of `chunk_size` crops is the unit of work.
 Chunk c of every array of a split holds exactly unit c's crops, so unit c is complete when its
@@ -26,6 +30,7 @@ size (uncompressed size, or the size in the blosc header); a features rerun adds
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +39,14 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from pipeline.integrity import CorruptArtifact, NonFinite, nonfinite_rows, sha256_bytes, sha256_file
+from pipeline.artifacts.layout import FEATURES_LOCK, FEATURES_STORE, RunLayout
+from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
+                                nonfinite_rows, sha256_bytes, sha256_file)
+from pipeline.store import Markers, atomic_write_json, check_or_write_manifest, read_json
 
-STORE_NAME = "features.zarr"
-MARKER_DIR = ("markers", "features")
+log = logging.getLogger("ppap.features")
+
+STORE_NAME = FEATURES_STORE
 
 
 def unit_key(split: str, chunk: int) -> str:
@@ -46,12 +55,12 @@ def unit_key(split: str, chunk: int) -> str:
 
 
 def marker_path(out: str | Path, key: str) -> Path:
-    return Path(out).joinpath(*MARKER_DIR, f"{key}.done")
+    return RunLayout(out).feature_marker(key)
 
 
 def features_command(out: str | Path) -> str:
     """The command that (re)runs the features stage of `out` with its saved settings."""
-    cfg = Path(out) / "features_config.json"
+    cfg = RunLayout(out).features_config
     if cfg.is_file():
         return f"ppap-pipe features --out {out} --config {cfg}"
     return f"ppap-pipe features --out {out} <the settings that started it>"
@@ -136,7 +145,7 @@ def check_units(out: str | Path, manifest: dict[str, Any], split: str,
     plausible) size. `deep`: also hash every chunk file (and fill `records` for old markers).
     """
     out = Path(out)
-    store_path = out / STORE_NAME
+    store_path = RunLayout(out).features_store
     n = expected_units(manifest, split)
     metas = _array_metas(store_path, split)
     result = []
@@ -190,7 +199,7 @@ def check_units(out: str | Path, manifest: dict[str, Any], split: str,
 
 def chunk_records(out: str | Path, split: str, chunk: int) -> dict[str, dict[str, Any]]:
     """Size and sha256 of chunk file `chunk` of every array of `split` (for its marker)."""
-    store_path = Path(out) / STORE_NAME
+    store_path = RunLayout(out).features_store
     recs = {}
     for name, meta in _array_metas(store_path, split).items():
         ck = chunk_key(meta, chunk)
@@ -282,7 +291,8 @@ class FeatureStore:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        self.path = self.out / STORE_NAME
+        self.layout = RunLayout(out)
+        self.path = self.layout.features_store
         if not self.path.exists():
             raise ValueError(
                 f"no feature cache at {self.path}; run `ppap-pipe features --out {self.out}` first"
@@ -435,3 +445,110 @@ def create_split(
                        compressors=comp if name in ("rgb", "labels", "patch_labels") else None,
                        fill_value=0)
     return g
+
+
+# ------------------------------------------------------------------------------- the writer
+
+
+class FeatureCacheWriter:
+    """The one writer of `<out>`'s feature cache (used by stage 1).
+
+    `open` (in the stage's process, inside `@releases_locks`) locks `<out>`, removes temporary
+    files of killed writers, checks or writes `features_manifest.json` (a cache made from other
+    inputs is refused), preallocates the Zarr arrays and saves the resolved config.
+    `write_unit` (in any worker process) writes one chunk's region of every array, `valid`
+    last, then the chunk's marker with the size and sha256 of every chunk file it wrote.
+    """
+
+    IDENTITY_KEYS = ("dataset", "backbone", "weights_fingerprint", "seed", "preprocessing",
+                     "limit", "chunk_size", "splits")
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.layout = RunLayout(out)
+        self.path = self.layout.features_store
+        self.markers = Markers(self.layout.feature_markers)
+
+    def open(self, manifest: dict[str, Any], chunk_crops: dict[str, int],
+             config: dict[str, Any]) -> None:
+        """Lock, clean, check/write the manifest, preallocate every split, save `config`.
+
+        `manifest` is the full cache description (its `IDENTITY_KEYS` must match an existing
+        cache; `fingerprint` identifies it); `chunk_crops[split]` = crops per unit of work.
+        """
+        hold_lock(self.out, "feature cache", name=FEATURES_LOCK)
+        for path, deep in ((self.out, False), (self.path, True), (self.out / "markers", True)):
+            clean_orphans(path, recursive=deep)
+        check_or_write_manifest(self.layout.features_manifest,
+                                {k: manifest[k] for k in self.IDENTITY_KEYS}, what="feature cache")
+        root = self._open_group(manifest)
+        for split, s in manifest["splits"].items():
+            h, w = s["grid"]
+            create_split(root, split, s["n_crops"], n_tokens=1 + h * w,
+                         dim=int(manifest["embed_dim"]), grid=(h, w), side=s["side"],
+                         labelled=manifest["has_labels"], chunk=chunk_crops[split])
+        root.attrs["manifest"] = manifest
+        atomic_write_json(self.layout.features_config, config)
+
+    def _open_group(self, manifest: dict[str, Any]) -> zarr.Group:
+        path = self.path
+        if path.exists() and not (path / "zarr.json").is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+            raise ValueError(
+                f"{path} exists but is not a Zarr v3 store written by ppap-pipe (found {found}); "
+                "it was left untouched: use another --out or delete it")
+        try:
+            root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        except Exception as exc:  # zarr raises several types for foreign/old stores
+            raise ValueError(f"{path} exists but is not a Zarr v3 store this version can write "
+                             f"({exc}); use another --out or delete it") from None
+        old = root.attrs.get("manifest")
+        if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
+            raise ValueError(f"{path} holds a cache with fingerprint {old.get('fingerprint')} but "
+                             f"this run has {manifest['fingerprint']}; use another --out or delete it")
+        return root
+
+    def intact_units(self, manifest: dict[str, Any], chunks: dict[str, int]) -> set[str]:
+        """Keys (of `chunks`: unit key -> chunk index) whose marker and chunk files are intact,
+        checksums verified. A damaged unit loses its marker and chunk files (it is recomputed);
+        markers of older versions get their checksums."""
+        ok: set[str] = set()
+        for split in manifest["splits"]:
+            for check in check_units(self.out, manifest, split, deep=True):
+                if check.key not in chunks or check.state == "missing":
+                    continue
+                if check.state == "damaged":
+                    log.warning("features: chunk %s is damaged (%s); recomputing it", check.key,
+                                check.reason)
+                    marker_path(self.out, check.key).unlink(missing_ok=True)
+                    for name, meta in _array_metas(self.path, split).items():
+                        (self.path / split / name / chunk_key(meta, chunks[check.key])
+                         ).unlink(missing_ok=True)
+                    continue
+                if check.legacy:
+                    self.markers.mark(check.key, {**self.unit_stats(check.key),
+                                                  "chunks": check.records})
+                ok.add(check.key)
+        return ok
+
+    def write_unit(self, split: str, chunk: int, lo: int, hi: int,
+                   arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> dict[str, Any]:
+        """Write rows lo:hi of `split` (every array of the unit, `valid` last), then the marker
+        `stats` + chunk checksums; returns the marker. Safe to redo after a crash."""
+        # every chunk is written, even all-zero ones: a chunk file that is missing is then
+        # always damage, never "all fill value"
+        with zarr.config.set({"array.write_empty_chunks": True}), disk_guard(self.path / split):
+            g = zarr.open_group(str(self.path), mode="r+")[split]
+            for name in sorted(arrays, key=lambda n: n == "valid"):
+                g[name][lo:hi] = arrays[name]
+        marker = {**stats, "chunks": chunk_records(self.out, split, chunk)}
+        self.markers.mark(unit_key(split, chunk), marker)
+        return marker
+
+    def unit_stats(self, key: str) -> dict[str, Any]:
+        """The marker of a finished unit."""
+        return read_json(marker_path(self.out, key))
+
+    def write_report(self, report: dict[str, Any]) -> Path:
+        atomic_write_json(self.layout.features_report, report)
+        return self.layout.features_report
