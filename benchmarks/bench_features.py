@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
+    from pipeline.artifacts.layout import RunLayout
     from pipeline.backbones import forward_tokens, input_size, load_backbone
     from pipeline.config import FeaturesConfig
     from pipeline.datasets import eval_view, five_crops, get_dataset
@@ -80,7 +81,7 @@ def main() -> None:
         t0 = time.perf_counter()
         stage.run(cfg)
         whole = time.perf_counter() - t0
-        stored = dir_bytes(out / "features.zarr")
+        stored = dir_bytes(RunLayout(out).features_store)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -34,6 +34,7 @@ from pipeline.integrity import NonFinite, releases_locks
 from pipeline.loss import ppap_loss
 from pipeline.model import CKPT_FORMAT, build_model
 from pipeline.probes import code_stats, spherical_kmeans
+from pipeline.shards import recover_sets
 from pipeline.selection import Holdout, best_choice, labelfree_choice
 from pipeline.store import code_version
 
@@ -213,7 +214,6 @@ def _frozen_scores(run: TrainRun, store: FeatureStore, holdout: Holdout, branch,
 @releases_locks
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) `<out>/train/<run>/`; returns a summary dict."""
-    from pipeline import shards
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -384,7 +384,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
                 t0 = time.perf_counter()
-                shard = shards.read_shard(paths[batch])
+                shard = mined.read_shard(epoch % n_plans, batch)
                 images = np.asarray(shard.images, dtype=np.int64)
                 tok = _gather(tokens_arr, images)
                 store.require_finite("train", "tokens", images, tok)
@@ -392,7 +392,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 labels = (torch.from_numpy(_gather(labels_arr, images).astype(np.int64)).to(dev)
                           if linear is not None else None)
                 F = store.mining_features(images)
-                sets = shards.recover_sets(shard, F)
+                sets = recover_sets(shard, F)
                 try:
                     res = train_step(models, opts, tokens, labels, shard.anchors, sets, cfg, amp=amp)
                 except NonFinite as exc:

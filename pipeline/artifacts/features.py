@@ -477,7 +477,7 @@ class FeatureCacheWriter:
         cache; `fingerprint` identifies it); `chunk_crops[split]` = crops per unit of work.
         """
         hold_lock(self.out, "feature cache", name=FEATURES_LOCK)
-        for path, deep in ((self.out, False), (self.path, True), (self.out / "markers", True)):
+        for path, deep in ((self.out, False), (self.path, True), (self.layout.markers, True)):
             clean_orphans(path, recursive=deep)
         check_or_write_manifest(self.layout.features_manifest,
                                 {k: manifest[k] for k in self.IDENTITY_KEYS}, what="feature cache")

@@ -52,8 +52,12 @@ class RunLayout:
         return self.out / "features_report.json"
 
     @property
+    def markers(self) -> Path:
+        return self.out / "markers"
+
+    @property
     def feature_markers(self) -> Path:
-        return self.out / "markers" / "features"
+        return self.markers / "features"
 
     def feature_marker(self, key: str) -> Path:
         """Completion marker of feature unit `key` (e.g. 'train-00003')."""
