@@ -518,9 +518,25 @@ class ShowConfig:
             raise ValueError("give --anchor I (repeatable) or --random N to choose anchors to show")
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """`export`: one mined batch as .npz (features, anchors, CSR positive/ambiguous sets, proxies)."""
+
+    out: str = option("data_cache/demo", OUT_HELP)
+    mined: str = option("ppap", "Name of the mined sets.")
+    epoch: int = option(0, "Batch plan.")
+    batch: int = option(0, "Batch within the plan.")
+    to: str | None = option(None, "Output .npz file.", flags=("--to", "--file"))
+
+    def __post_init__(self) -> None:
+        if not self.to:
+            raise ValueError("to=None: give --to FILE.npz, the file to write the batch to")
+
+
 STAGE_CONFIGS = {
     "features": FeaturesConfig,
     "mine": MineConfig,
+    "export": ExportConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "audit": AuditConfig,
