@@ -2,6 +2,8 @@
 
 Resolution order: dataclass defaults <- preset <- config file (TOML or JSON) <- CLI flags.
 The resolved config is written beside every output (`config.json`) and inside checkpoints.
+Each field carries its command-line help text and spelling (`option`); `stages/cli.py`
+generates every command's options from them, so a new field is a new option.
 """
 
 from __future__ import annotations
@@ -134,24 +136,52 @@ def _check_workers(workers: int, scheduler: str | None) -> None:
         )
 
 
+def option(default: Any, help: str, *, flags: tuple[str, ...] | None = None,
+           cli: bool = True) -> Any:
+    """A config field with its command-line help text. `flags` spells the option when it is not
+    `flag_name(field)`; `cli=False` keeps a field out of the command line (config files only)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "cli": cli})
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of an option name: plans -> --plans, crf_workers -> --crf-workers."""
+    return "--" + name.replace("_", "-")
+
+
+def option_flags(f: dataclasses.Field) -> tuple[str, ...]:
+    """The spellings of a config field's option: its `flags`, else `flag_name(name)`."""
+    return f.metadata.get("flags") or (flag_name(f.name),)
+
+
+# help texts shared by several stages' fields
+OUT_HELP = "Run directory (default data_cache/<preset or demo>)."
+DEVICE_HELP = "cpu, cuda or cuda:N."
+WORKERS_HELP = "Local dask worker processes (0 = in this process)."
+SCHEDULER_HELP = "Address of an existing dask scheduler."
+SEED_HELP = "Seed for every random choice of this stage."
+
+
 @dataclass(frozen=True)
 class FeaturesConfig:
-    out: str = "data_cache/demo"  # run directory; the store is out/features.zarr
-    dataset: str = "demo"  # cocostuff27 | cityscapes | potsdam | camvid | folder | demo
-    data_root: str | None = None  # dataset folder (not needed for demo)
-    classes: str | None = None  # class-list file for the folder dataset
-    backbone: str = "dinov2_vits14_offline"
-    weights: str | None = None  # local checkpoint; None = the backbone's default source
-    splits: tuple[str, ...] = ("train", "val")
-    train_size: int = 224  # five-crop side (docs/method.md §5)
-    eval_size: int = 320  # evaluation side (docs/method.md §5)
-    chunk_size: int = 8  # source images per unit of work (a resumable chunk; x5 crops for train)
-    batch_size: int = 16  # crops per backbone forward pass
-    limit: int | None = None  # at most this many images per split (quick tries)
-    workers: int = 0  # local dask worker processes; 0 = in this process
-    scheduler: str | None = None  # address of an existing dask scheduler
-    device: str = "cpu"
-    seed: int = 0  # random-weight backbones and demo mosaics
+    out: str = option("data_cache/demo", OUT_HELP)  # the store is out/features.zarr
+    dataset: str = option("demo", "cocostuff27, cityscapes, potsdam, camvid, folder or demo.")
+    data_root: str | None = option(None, "Dataset folder (not needed for demo).")
+    classes: str | None = option(None, "Class-list file (folder dataset).")
+    backbone: str = option("dinov2_vits14_offline", "dino_vits16, dino_vits8, dino_vitb16, "
+                           "dino_vitb8, dinov2_vits14, dinov2_vits14_offline, vit_tiny_random.")
+    weights: str | None = option(None, "Local checkpoint (.pth / .safetensors); default: the "
+                                 "backbone's own source.")
+    splits: tuple[str, ...] = option(("train", "val"), "train and/or val (repeatable).")
+    train_size: int = option(224, "Five-crop side (224).")  # docs/method.md §5
+    eval_size: int = option(320, "Evaluation side (320).")  # docs/method.md §5
+    # a unit of work (x5 crops for train)
+    chunk_size: int = option(8, "Source images per resumable chunk.")
+    batch_size: int = option(16, "Crops per backbone forward pass.")
+    limit: int | None = option(None, "At most this many images per split.")  # quick tries
+    workers: int = option(0, WORKERS_HELP)
+    scheduler: str | None = option(None, SCHEDULER_HELP)
+    device: str = option("cpu", DEVICE_HELP)
+    seed: int = option(0, SEED_HELP)  # random-weight backbones and demo mosaics
 
     def __post_init__(self) -> None:
         for name in ("train_size", "eval_size", "chunk_size", "batch_size"):
@@ -204,34 +234,45 @@ def check_mine_params(phi0: float, psi0: float, prop_iters: int, sigma_pos: floa
 
 @dataclass(frozen=True)
 class MineConfig:
-    out: str = "data_cache/demo"  # run directory holding features.zarr
-    name: str | None = None  # mined-set name under out/mine/ (default: the criterion)
-    criterion: str = "ppap"  # ppap | p0 | hp | kmeans | primaps | eigen (docs/method.md §7)
-    phi0: float = 0.55  # initial positive threshold Φ0 (paper default)
-    psi0: float = 0.15  # initial ambiguity threshold Ψ0 (paper default)
-    prop_iters: int = 2  # T, propagation steps
-    sigma_pos: float = 3.0  # Φ -= d / σpos
-    sigma_amb: float = 4.0  # Ψ += d / σamb
-    batch_size: int = 64  # images (crops) per mined batch
-    anchors_per_image: str = "1/4"  # fraction of each crop's patches used as anchors, or 'all'
-    plans: int = 1  # number of batch plans (one seeded permutation each; training epoch e uses plan e)
-    seed: int = 0
-    # fraction of training source images (whole images, seeded by `seed`) kept out of mining
-    # and training; `train` scores checkpoints on them to select without the evaluation split
-    holdout: float = 0.1
-    hp_pool_size: int = 2048  # HP criterion reference pool size R
-    kmeans_k: int | None = None  # clusters of kmeans / primaps prototypes / eigen (default: classes)
-    primaps_psi: float = 0.4  # PriMaPs mask threshold relative to the cosine map's max (paper)
-    primaps_coverage: float = 0.95  # PriMaPs stops once this fraction of a crop is assigned
-    eigen_dim: int | None = None  # eigenfunctions K of the eigen criterion (default: clusters)
-    eigen_steps: int = 1500  # NeuralEF optimisation steps (batches of 1024 patches)
-    eigen_kernel_power: float = 1.0  # kernel affinity max(0, cos)^power (1 = Deng et al.)
-    backend: str = "faiss"  # faiss | torch
-    device: str = "cpu"
-    workers: int = 0
-    scheduler: str | None = None
-    mem_budget_mb: int = 512  # working memory per batch for similarity blocks
-    band: float = 1e-4  # |s - threshold| band stored explicitly in shards (exact recovery)
+    out: str = option("data_cache/demo", OUT_HELP)  # holding features.zarr
+    name: str | None = option(None, "Name of the mined sets (default: the criterion).")
+    # docs/method.md §7
+    criterion: str = option("ppap", "ppap, p0, hp, kmeans, primaps or eigen.")
+    phi0: float = option(0.55, "Initial positive threshold Φ0.")  # paper default
+    psi0: float = option(0.15, "Initial ambiguity threshold Ψ0.")  # paper default
+    prop_iters: int = option(2, "Propagation steps T.")
+    sigma_pos: float = option(3.0, "σpos: Φ -= d/σpos.")
+    sigma_amb: float = option(4.0, "σamb: Ψ += d/σamb.")
+    batch_size: int = option(64, "Crops per mined batch.")
+    anchors_per_image: str = option("1/4", "Fraction of patches as anchors, e.g. 1/16, or 'all'.")
+    # training epoch e uses plan e
+    plans: int = option(1, "Batch plans to mine (one seeded permutation each).")
+    seed: int = option(0, SEED_HELP)
+    # whole images, seeded by `seed`; `train` scores checkpoints on them to select without the
+    # evaluation split
+    holdout: float = option(0.1, "Fraction of training images (whole, seeded) kept out of mining "
+                            "and training, for selection (0.1).")
+    hp_pool_size: int = option(2048, "HP criterion reference pool size R.")
+    kmeans_k: int | None = option(None, "Clusters of kmeans, class prototypes of primaps, "
+                                  "clusters of eigen (default: classes).")
+    # relative to the cosine map's max (paper)
+    primaps_psi: float = option(0.4, "PriMaPs mask threshold: cosine to the mask seed > psi x max "
+                                "(default 0.4, as PriMaPs).")
+    primaps_coverage: float = option(0.95, "PriMaPs stops once this fraction of a crop is covered "
+                                     "(default 0.95, as PriMaPs); the rest is unassigned = ambiguous.")
+    eigen_dim: int | None = option(None, "Eigenfunctions K of the eigen criterion (default: the "
+                                   "cluster count).")
+    # NeuralEF optimisation steps (batches of 1024 patches)
+    eigen_steps: int = option(1500, "NeuralEF training steps of the eigen criterion (1500).")
+    eigen_kernel_power: float = option(1.0, "Eigen kernel affinity max(0, cos)^p (1 = Deng et al.; "
+                                       "DINOv2 presets: 4).")
+    backend: str = option("faiss", "faiss or torch.")
+    device: str = option("cpu", DEVICE_HELP)
+    workers: int = option(0, WORKERS_HELP)
+    scheduler: str | None = option(None, SCHEDULER_HELP)
+    mem_budget_mb: int = option(512, "Working memory for similarity blocks.")  # per batch
+    # stored explicitly in shards for exact recovery; config files only
+    band: float = option(1e-4, "|s - threshold| band stored explicitly in shards.", cli=False)
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -269,33 +310,39 @@ class MineConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str = "data_cache/demo"
-    mined: str = "ppap"  # name of the mined sets under out/mine/
-    name: str | None = None  # training run name under out/train/ (default: = mined)
-    epochs: int = 5
-    tau: float = 0.8  # temperature of Eq. 8
-    parity_factor: bool = False  # multiply the loss by tau/0.07 as the authors' code does
-    optimizer: str = "adamw"  # adam | adamw (network)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    probe_lr: float = 1e-3  # linear probe (Adam)
-    cluster_lr: float = 1e-3  # cluster probe (Adam)
-    grad_clip: float = 10.0
-    anchor_chunk: int = 1024  # anchors per loss chunk (memory only; result is unchanged)
-    n_clusters: int | None = None  # cluster-probe size; default = number of classes
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = True  # autocast on CUDA only; ignored on CPU
-    ckpt_every: int = 50  # steps between checkpoints (and at each epoch end)
-    max_steps: int | None = None  # stop early (quick tries)
-    # held-out fraction of training images: fixed when mining (None = that of the mined sets;
-    # another value is refused)
-    holdout: float | None = None
-    select_every: int = 25  # steps between scorings on the held-out images (0 = never)
-    select_metric: str = "cluster_miou"  # best.pt: cluster_miou | linear_miou | labelfree
-    rank_floor: float = 0.9  # label-free rule: stop before held-out rank < rank_floor x frozen
-    collapse_ratio: float = 0.5  # warn when effective rank < this x the frozen features'
-    amb_weight: float = 0.0  # loss variant: ambiguous rows as weak negatives (0 = Eq. 8)
+    out: str = option("data_cache/demo", OUT_HELP)
+    mined: str = option("ppap", "Mined sets to train on (name under out/mine/).")
+    name: str | None = option(None, "Training run name (default: the mined name).")  # out/train/
+    epochs: int = option(5, "Training epochs (epoch e uses batch plan e).")
+    tau: float = option(0.8, "Temperature τ of Eq. 8.")
+    parity_factor: bool = option(False, "Multiply the loss by τ/0.07 like the authors' code.")
+    optimizer: str = option("adamw", "adam or adamw.")  # of the network
+    lr: float = option(1e-3, "Network learning rate.")
+    weight_decay: float = option(0.01, "Network weight decay.")
+    probe_lr: float = option(1e-3, "Linear probe learning rate.")  # Adam
+    cluster_lr: float = option(1e-3, "Cluster probe learning rate.")  # Adam
+    grad_clip: float = option(10.0, "Gradient-norm clip.")
+    # the result is unchanged
+    anchor_chunk: int = option(1024, "Anchors per loss chunk (memory only).")
+    n_clusters: int | None = option(None, "Cluster-probe size (default: the number of classes).")
+    seed: int = option(0, SEED_HELP)
+    device: str = option("cpu", DEVICE_HELP)
+    amp: bool = option(True, "Autocast on CUDA (never on CPU).")
+    # and at each epoch end
+    ckpt_every: int = option(50, "Steps between checkpoints.")
+    max_steps: int | None = option(None, "Stop after this many steps.")  # quick tries
+    # fixed when mining: None = that of the mined sets; another value is refused
+    holdout: float | None = option(None, "Held-out fraction of training images (fixed when "
+                                   "mining; default: the mined sets', another value is refused).")
+    select_every: int = option(25, "Score the run on the held-out images every N steps "
+                               "(0 = never); keeps best.pt.")
+    select_metric: str = option("cluster_miou", "What best.pt maximises: cluster_miou, "
+                                "linear_miou or labelfree.")
+    rank_floor: float = option(0.9, "Label-free rule: the last point before held-out effective "
+                               "rank < rank_floor x frozen.")
+    collapse_ratio: float = option(0.5, "Warn when effective rank < this x the frozen features'.")
+    amb_weight: float = option(0.0, "Loss variant: ambiguous rows as weak negatives with this "
+                               "weight (0 = Eq. 8).")
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -335,18 +382,26 @@ class TrainConfig:
 class SweepConfig:
     """`sweep-train`: a grid of training runs scored on the held-out training images only."""
 
-    out: str = "data_cache/demo"
-    mined: str = "ppap"  # base mined sets; mining-threshold grids derive `<mined>-<label>`
-    name: str = "sweep"  # runs are train/<name>-<label>/, the report sweep/<name>/
-    grid: tuple[str, ...] = ()  # NAME=V1,V2 or NAME=START:STOP:STEP, one per swept option
-    fixed: tuple[str, ...] = ()  # NAME=VALUE training options shared by every run
-    preset: str | None = None  # training preset under the grid (lr, tau, ... defaults)
-    config: str | None = None  # config file under the grid
-    epochs: int | None = None
-    max_steps: int | None = None
-    select_every: int | None = None
-    seed: int = 0
-    device: str = "cpu"
+    out: str = option("data_cache/demo", OUT_HELP)
+    mined: str = option("ppap", "Base mined sets (name under out/mine/); a grid over mining "
+                        "thresholds mines <mined>-<label> from it.")
+    name: str = option("sweep", "Sweep name: runs train/<name>-<label>/, report sweep/<name>/ "
+                       "(default: sweep).")
+    # one per swept option
+    grid: tuple[str, ...] = option((), "NAME=V1,V2 or NAME=START:STOP:STEP; repeat for a grid. "
+                                   "NAME: a training option (tau, lr, weight_decay, amb_weight, "
+                                   "epochs, ...) or a mining threshold (phi0, psi0, prop_iters, "
+                                   "sigma_pos, sigma_amb).")
+    fixed: tuple[str, ...] = option((), "NAME=VALUE training option shared by every run; "
+                                    "repeatable.")
+    # the command's own --preset and --config (stages/cli.py), passed on to every run
+    preset: str | None = option(None, "Training preset under the grid (lr, tau, ... defaults).")
+    config: str | None = option(None, "Config file under the grid.")
+    epochs: int | None = option(None, "Training epochs of every run.")
+    max_steps: int | None = option(None, "Stop every run after this many steps.")
+    select_every: int | None = option(None, "Steps between held-out scorings (must be > 0).")
+    seed: int = option(0, SEED_HELP)
+    device: str = option("cpu", DEVICE_HELP)
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -360,25 +415,44 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    out: str = "data_cache/demo"
-    trained: str | None = "ppap"  # training run under out/train/ (ignored for --baseline frozen)
-    baseline: str = "none"  # none | frozen
-    crf: bool = True
-    crf_workers: int = 0  # processes for the CRF (0 = all cores)
-    device: str = "cpu"
-    seed: int = 0
-    n_show: int = 6  # images in the prediction grid
-    # refit: k-means + a converged linear probe fitted on the run's training-split code, exactly
-    # like the frozen baseline (measures the representation); trained: the probes trained with it
-    probes: str = "refit"
-    checkpoint: str = "best"  # best (selected on held-out training images) | last | labelfree
-    probe: str = "kmeans"  # cluster probe: kmeans (as before) | primaps-em | eigen (fitted)
-    primaps_psi: float = 0.4  # --probe primaps-em: mask threshold
-    primaps_coverage: float = 0.95  # --probe primaps-em: stop fraction
-    em_steps: int = 2000  # --probe primaps-em: EM steps (0 = the batch-wise k-means init only)
-    eigen_dim: int | None = None  # --probe eigen: eigenfunctions (default: classes)
-    eigen_steps: int = 1500  # --probe eigen: NeuralEF steps
-    eigen_kernel_power: float = 1.0  # --probe eigen: affinity max(0, cos)^power
+    out: str = option("data_cache/demo", OUT_HELP)
+    # ignored for --baseline frozen
+    trained: str | None = option("ppap", "Training run to evaluate (name under out/train/).")
+    # none | frozen
+    baseline: str = option("none", "'frozen' evaluates the untrained features instead.")
+    crf: bool = option(True, "Also report metrics after dense CRF.")
+    crf_workers: int = option(0, "CRF processes (0 = all cores).")
+    device: str = option("cpu", DEVICE_HELP)
+    seed: int = option(0, SEED_HELP)
+    n_show: int = option(6, "Images in the prediction grid PNG.")
+    # refit measures the representation: the same probes as the frozen baseline
+    probes: str = option(
+        "refit",
+        "refit (default): fit the cluster probe (seeded spherical k-means) and a linear "
+        "probe fitted to convergence on the training split's code of the evaluated model, "
+        "exactly like the frozen baseline, so trained vs frozen compares representations. "
+        "trained: the probes trained alongside the network (eval/<run>-<ckpt>-trained-probes/). "
+        "No effect with --baseline frozen (it always fits).")
+    checkpoint: str = option(
+        "best",
+        "best (default): selected during training on held-out training images; last; or "
+        "labelfree: chosen by the label-free rank rule. Writes eval/<run>-<checkpoint>/.")
+    # kmeans as before; primaps-em and eigen are fitted
+    probe: str = option(
+        "kmeans",
+        "How the cluster probe is obtained. kmeans (default): spherical k-means on "
+        "the training split's code (or the trained probe with --probes trained). primaps-em: PriMaPs-EM "
+        "prototypes fitted on the training split's code (batch-wise cosine k-means, then "
+        "focal loss against PriMaPs pseudo-labels with an EMA teacher). eigen: neural "
+        "eigenfunctions of the code's affinity kernel, discretised by k-means. Non-default "
+        "probes write eval/<name>-<probe>/.")
+    primaps_psi: float = option(0.4, "--probe primaps-em: mask threshold (0.4).")
+    primaps_coverage: float = option(0.95, "--probe primaps-em: stop fraction (0.95).")
+    # 0 = the batch-wise k-means init only
+    em_steps: int = option(2000, "--probe primaps-em: EM steps (2000; 0 = the k-means init alone).")
+    eigen_dim: int | None = option(None, "--probe eigen: eigenfunctions (default: classes).")
+    eigen_steps: int = option(1500, "--probe eigen: NeuralEF steps (1500).")
+    eigen_kernel_power: float = option(1.0, "--probe eigen: affinity max(0, cos)^p.")
 
     def __post_init__(self) -> None:
         if self.baseline not in ("none", "frozen"):
@@ -400,17 +474,21 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    out: str = "data_cache/demo"
-    mined: tuple[str, ...] = ("ppap",)  # mined-set names under out/mine/ to compare
-    epoch: int = 0  # batch plan to audit
-    batches: int = 4  # audit the first this-many batches of the plan (a sample)
-    max_anchors: int | None = 2000  # per batch, a seeded sample of anchors (None = all)
-    sweep: tuple[str, ...] = ()  # e.g. ("phi0=0.45:0.65:0.05", "psi0=0.1:0.3:0.05")
-    json: str | None = None  # JSON output (default: out/audit/audit.json)
-    plot: str | None = None  # Fig. 1b PNG path (default: out/audit/fig1b.png)
-    seed: int = 0
-    backend: str = "faiss"
-    device: str = "cpu"
+    out: str = option("data_cache/demo", OUT_HELP)
+    # names under out/mine/
+    mined: tuple[str, ...] = option(("ppap",), "Mined sets to compare (repeatable).")
+    epoch: int = option(0, "Batch plan to audit.")
+    batches: int = option(4, "Audit the first N batches (a sample).")
+    # a seeded sample of anchors; None = all
+    max_anchors: int | None = option(2000, "At most this many anchors per batch.")
+    # e.g. ("phi0=0.45:0.65:0.05", "psi0=0.1:0.3:0.05")
+    sweep: tuple[str, ...] = option((), "Grid to mine and audit, e.g. phi0=0.45:0.65:0.05 "
+                                    "(repeatable).")
+    json: str | None = option(None, "JSON output path (default: <out>/audit/audit.json).")
+    plot: str | None = option(None, "Fig. 1b PNG path (default: <out>/audit/fig1b.png).")
+    seed: int = option(0, SEED_HELP)
+    backend: str = option("faiss", "faiss or torch (for --sweep).")
+    device: str = option("cpu", DEVICE_HELP)
 
     def __post_init__(self) -> None:
         if not self.mined and not self.sweep:
@@ -424,23 +502,41 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class ShowConfig:
-    out: str = "data_cache/demo"
-    mined: str = "ppap"
-    epoch: int = 0
-    batch: int = 0
-    anchors: tuple[int, ...] = ()  # anchor positions (0..M-1) within the batch's shard
-    random: int = 0  # or this many anchors drawn with `seed`
-    seed: int = 0
-    dest: str | None = None  # PNG folder (default: out/show/<mined>/)
+    out: str = option("data_cache/demo", OUT_HELP)
+    mined: str = option("ppap", "Mined sets to look at.")
+    epoch: int = option(0, "Batch plan.")
+    batch: int = option(0, "Batch within the plan.")
+    # positions 0..M-1 within the batch's shard
+    anchors: tuple[int, ...] = option((), "Anchor position in the shard (repeatable).",
+                                      flags=("--anchor",))
+    random: int = option(0, "Show this many seeded random anchors.")  # drawn with `seed`
+    seed: int = option(0, SEED_HELP)
+    dest: str | None = option(None, "Folder for the PNGs.")  # default: out/show/<mined>/
 
     def __post_init__(self) -> None:
         if not self.anchors and self.random <= 0:
             raise ValueError("give --anchor I (repeatable) or --random N to choose anchors to show")
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """`export`: one mined batch as .npz (features, anchors, CSR positive/ambiguous sets, proxies)."""
+
+    out: str = option("data_cache/demo", OUT_HELP)
+    mined: str = option("ppap", "Name of the mined sets.")
+    epoch: int = option(0, "Batch plan.")
+    batch: int = option(0, "Batch within the plan.")
+    to: str | None = option(None, "Output .npz file.", flags=("--to", "--file"))
+
+    def __post_init__(self) -> None:
+        if not self.to:
+            raise ValueError("to=None: give --to FILE.npz, the file to write the batch to")
+
+
 STAGE_CONFIGS = {
     "features": FeaturesConfig,
     "mine": MineConfig,
+    "export": ExportConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "audit": AuditConfig,
@@ -493,7 +589,7 @@ def upgrade_names(stage: str, values: Mapping[str, Any], where: str,
             continue
         value = out.pop(old)
         if flags:
-            o, n = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+            o, n = flag_name(old), flag_name(new)
             given, other = f"{o} {value}", f"{n} {out.get(new)}"
         else:
             o, n = old, new

@@ -1,6 +1,6 @@
 """Side-by-side comparison of the six seed criteria (ppap, p0, hp, kmeans, primaps, eigen).
 
-Runs the ordinary `ppap-pipe` stages (through `python -m pipeline.cli`, so the current code and
+Runs the ordinary `ppap-pipe` stages (through `python -m stages.cli`, so the current code and
 the preset's settings apply) and prints Markdown tables for the README. Finished stages are not
 redone (every stage resumes), so rerunning after an interruption only does what is missing.
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(args: argparse.Namespace, *argv: str, extra: str = "") -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", *argv, *shlex.split(extra)]
+    cmd = [sys.executable, "-m", "stages.cli", *argv, *shlex.split(extra)]
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     if not args.dry_run:
         subprocess.run(cmd, cwd=REPO, check=True)

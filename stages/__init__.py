@@ -1,1 +1,2 @@
-"""Pipeline stages. Each module exposes `run(cfg)`; the CLI only builds the config and calls it."""
+"""Pipeline stages. Each module exposes `run(cfg)`; the CLI (`stages/cli.py`) only builds the
+config and calls it."""

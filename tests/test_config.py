@@ -82,7 +82,7 @@ def _capture(monkeypatch, module: str) -> list:
 
 
 def _cli():
-    from pipeline import cli
+    from stages import cli
 
     return cli
 

@@ -282,7 +282,7 @@ def test_refit_reads_code_from_the_branch(store_dir, frozen_report, frozen_probe
 def test_probes_option_is_validated(store_dir):
     from typer.testing import CliRunner
 
-    from pipeline import cli
+    from stages import cli
 
     with pytest.raises(ValueError, match="probes='bogus'.*'refit'"):
         EvalConfig(probes="bogus")

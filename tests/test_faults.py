@@ -99,7 +99,7 @@ def copy(src: Path, tmp_path: Path) -> Path:
 
 def cli(capsys, *args) -> tuple[int, str]:
     """Run `ppap-pipe ARGS` in this process; (exit code, stderr)."""
-    from pipeline.cli import main
+    from stages.cli import main
 
     old = sys.argv
     sys.argv = ["ppap-pipe", *map(str, args)]
@@ -519,7 +519,7 @@ def test_second_writer_is_refused_with_pid(trained, tmp_path):
 def test_concurrent_train_processes_do_not_duplicate_metrics(trained, tmp_path):
     out = copy(trained, tmp_path)
     shutil.rmtree(out / "train")
-    cmd = [PY, "-m", "pipeline.cli", "train", "--out", str(out), "--epochs", "2", "--tau", "0.5",
+    cmd = [PY, "-m", "stages.cli", "train", "--out", str(out), "--epochs", "2", "--tau", "0.5",
            "--lr", "0.003", "--seed", "7"]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -674,7 +674,7 @@ def test_log_files_have_whole_lines_and_no_empty_bars(trained, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "train.log"
     with open(log, "w") as fh:  # a log file, not a terminal
-        subprocess.run([PY, "-m", "pipeline.cli", "train", "--out", str(out), "--epochs", "2",
+        subprocess.run([PY, "-m", "stages.cli", "train", "--out", str(out), "--epochs", "2",
                         "--tau", "0.5", "--lr", "0.003", "--seed", "7"], cwd=REPO, env=env,
                        stderr=fh, stdout=subprocess.DEVNULL, check=True)
     text = log.read_text()
@@ -682,7 +682,7 @@ def test_log_files_have_whole_lines_and_no_empty_bars(trained, tmp_path):
     assert "ppap.train INFO train: epoch 0 done" in text and "train: 100%|" in text
     # nothing left to do: no (empty) progress bar at all
     with open(log, "w") as fh:
-        subprocess.run([PY, "-m", "pipeline.cli", "mine", "--out", str(out), "--config",
+        subprocess.run([PY, "-m", "stages.cli", "mine", "--out", str(out), "--config",
                         str(out / "mine" / "ppap" / "config.json")], cwd=REPO, env=env,
                        stderr=fh, stdout=subprocess.DEVNULL, check=True)
     text = log.read_text()
@@ -691,7 +691,7 @@ def test_log_files_have_whole_lines_and_no_empty_bars(trained, tmp_path):
 
 
 def test_faiss_simd_probe_is_not_logged():
-    code = ("import logging, sys; from pipeline.cli import _setup_logging; _setup_logging(False); "
+    code = ("import logging, sys; from stages.cli import _setup_logging; _setup_logging(False); "
             "import faiss; logging.getLogger('ppap.test').info('after faiss')")
     res = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert "after faiss" in res.stderr and "faiss.loader" not in res.stderr, res.stderr

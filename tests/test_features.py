@@ -120,7 +120,7 @@ def test_resume_after_interrupt_skips_finished_chunks(folder, tmp_path, referenc
 def test_resume_after_sigkill(folder, tmp_path, reference):
     """Kill the real CLI process mid-run, rerun the same command, get the same cache."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "features", "--out", str(out), "--dataset",
+    cmd = [sys.executable, "-m", "stages.cli", "features", "--out", str(out), "--dataset",
            "folder", "--data-root", str(folder), "--backbone", "vit_tiny_random",
            "--train-size", "32", "--eval-size", "40", "--chunk-size", "2", "--batch-size", "4"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -76,7 +76,7 @@ def dense_reference(F, anchors, phi0, psi0, T, sp, sa):
 
 
 def test_invalid_values_fail_before_any_work(cache, thresholds, tmp_path):
-    cli = [sys.executable, "-m", "pipeline.cli", "mine", "--out", str(cache)]
+    cli = [sys.executable, "-m", "stages.cli", "mine", "--out", str(cache)]
     cases = {
         ("--phi0", "0.1", "--psi0", "0.15"): "phi0=0.1 must be greater than psi0=0.15",
         ("--sigma-pos", "0"): "sigma_pos=0.0 must be > 0",
@@ -139,7 +139,7 @@ def test_export_matches_brute_force(cache, thresholds, tmp_path):
     cfg = cfg_for(cache, thresholds, name="exp", plans=1)
     mine.run(cfg)
     to = tmp_path / "b1.npz"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--out", str(cache),
+    r = subprocess.run([sys.executable, "-m", "stages.cli", "export", "--out", str(cache),
                         "--mined", "exp", "--epoch", "0", "--batch", "1", "--to", str(to)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

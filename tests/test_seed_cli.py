@@ -12,8 +12,8 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from pipeline import cli
 from pipeline.shards import read_shard
+from stages import cli
 from test_eval import BACKBONE_SEED, K, N_TRAIN, make_store
 
 

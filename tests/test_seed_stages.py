@@ -145,7 +145,7 @@ def test_show_renders_primaps_sets(store, tmp_path):
 
 def test_cli_validates_the_new_options(store):
     out, _ = store
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "stages.cli"]
     cases = [
         (["mine", "--out", str(out), "--criterion", "primaps", "--primaps-psi", "1.2", "--name", "x"],
          "primaps_psi=1.2 must lie in [0, 1)"),

@@ -133,7 +133,7 @@ def test_eval_checkpoint_choices(cache, mined):
 def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):
     from typer.testing import CliRunner
 
-    from pipeline import cli
+    from stages import cli
 
     base_psi0 = json.loads((mined / "config.json").read_text())["psi0"]
     other_psi0 = round(base_psi0 - 0.05, 4)
