@@ -222,24 +222,3 @@ def run(cfg: MineConfig) -> dict[str, Any]:
              summary["anchors_without_positive"], summary["bytes_per_anchor"])
     return summary
 
-
-def export(out: str | Path, mined: str, epoch: int, batch: int, to: str | Path) -> Path:
-    """Write one mined batch as .npz in the documented export format."""
-    import io
-
-    from pipeline.artifacts.features import take_rows
-    from pipeline.shards import export_batch
-    from pipeline.store import atomic_write_bytes
-
-    store, shard, F = MinedSets.open(FeatureStore(out), mined).load_batch(epoch, batch)
-    labels = None
-    if store.has_labels:
-        labels = take_rows(store.split("train")["patch_labels"], shard.images)
-    data = export_batch(F, shard, patch_labels=labels, image_index=shard.images)
-    buf = io.BytesIO()
-    np.savez(buf, **data)
-    to = Path(to)
-    atomic_write_bytes(to, buf.getvalue())
-    log.info("export: epoch %d batch %d of %s -> %s (%d rows, %d anchors)", epoch, batch, mined,
-             to, len(F), len(shard.anchors))
-    return to

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline import shards
-from pipeline.config import MineConfig
+from pipeline.config import ExportConfig, MineConfig
 from pipeline.artifacts.features import FeatureStore
 from pipeline.store import ManifestMismatch
-from stages import features, mine
+from stages import export, features, mine
 
 from _fixtures import make_folder
 
@@ -166,9 +166,9 @@ def test_export_matches_brute_force(cache, thresholds, tmp_path):
 def test_export_unknown_batch_is_clear(cache, thresholds, tmp_path):
     mine.run(cfg_for(cache, thresholds, name="exp2", plans=1))
     with pytest.raises(ValueError, match="batch 99 of epoch 0 is not mined"):
-        mine.export(cache, "exp2", 0, 99, tmp_path / "x.npz")
+        export.run(ExportConfig(out=str(cache), mined="exp2", batch=99, to=str(tmp_path / "x.npz")))
     with pytest.raises(ValueError, match="no mined sets named 'nope'"):
-        mine.export(cache, "nope", 0, 0, tmp_path / "x.npz")
+        export.run(ExportConfig(out=str(cache), mined="nope", to=str(tmp_path / "x.npz")))
     assert not (tmp_path / "x.npz").exists()
 
 

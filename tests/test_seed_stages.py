@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import AuditConfig, MineConfig, ShowConfig, TrainConfig
+from pipeline.config import AuditConfig, ExportConfig, MineConfig, ShowConfig, TrainConfig
 from pipeline import shards
 from pipeline.artifacts.features import FeatureStore
 from pipeline.store import ManifestMismatch
-from stages import mine
+from stages import export, mine
 
 from test_audit import GRID, K, make_store, mine_run
 
@@ -107,7 +107,7 @@ def test_unassigned_rows_are_ambiguous_end_to_end(store, tmp_path):
     un = np.flatnonzero(sh.cluster_of < 0)
     assert un.size > 0
     to = tmp_path / "b0.npz"
-    mine.export(out, "primaps_half", 0, 0, to)
+    export.run(ExportConfig(out=str(out), mined="primaps_half", epoch=0, batch=0, to=str(to)))
     z = dict(np.load(to))
     for i, a in enumerate(z["anchors"]):
         amb = set(z["amb_indices"][z["amb_indptr"][i]:z["amb_indptr"][i + 1]].tolist())
