@@ -52,7 +52,7 @@ ECHO = {"show"}  # commands that print the paths their stage returns
 # receives the value given.
 COMMON_HELP = {
     "preset": f"One of: {', '.join(PRESETS)}.",
-    "config": "TOML/JSON file of option values (flat, or [stage] tables).",
+    "config": r"TOML/JSON file of option values (flat, or \[stage] tables).",
 }
 
 
@@ -158,13 +158,17 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
-def _main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-):
-    if version:
+def _print_version(value: bool) -> None:
+    if value:  # eager: answered before typer asks for a command
         typer.echo(__version__)
         raise typer.Exit()
+
+
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_print_version, is_eager=True),
+):
     _setup_logging(verbose)
 
 

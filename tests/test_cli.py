@@ -15,6 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import pipeline
+
 from pipeline.config import (
     DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, ShowConfig, flag_name, option, option_flags,
 )
@@ -46,6 +48,10 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
             if f.metadata.get("cli", True) and f.name not in cli.COMMON_HELP]
 
 
+def test_version_needs_no_command():
+    assert invoke(cli.app, "--version").strip() == pipeline.__version__
+
+
 def test_every_stage_config_is_a_command():
     assert list(cli.COMMANDS) == ["features", "mine", "export", "train", "sweep-train", "eval",
                                   "audit", "show"]
@@ -68,8 +74,10 @@ def test_every_field_is_an_option_with_its_help(stage):
         assert squeeze(f.metadata["help"]) in help_out, f"{stage} --help lacks {f.name}'s help"
         for flag in option_flags(f):
             assert flag in help_out
-    for k in cli.COMMON_HELP:
+    for k, text in cli.COMMON_HELP.items():
         assert options[k].opts == [flag_name(k)]
+        # rendered as written (rich markup would swallow a bare "[stage]")
+        assert squeeze(text.replace("\\[", "[")) in help_out, f"{stage} --help mangles --{k}"
     # nothing else: the options are exactly the fields, the common ones and the former names
     expected = ({f.name for f in cli_fields(cls)} | set(cli.COMMON_HELP)
                 | set(DEPRECATED_NAMES.get(stage, {})))
