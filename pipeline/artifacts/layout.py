@@ -98,3 +98,27 @@ class RunLayout:
 
     def sweep(self, name: str) -> Path:
         return self.out / "sweep" / name
+
+
+class NamedRunDir:
+    """Base of the artifacts that are one named directory of a run (`mine/<name>/`,
+    `train/<name>/`, `eval/<name>/`): `SUBDIR` names the RunLayout method giving its path."""
+
+    SUBDIR = ""
+
+    def __init__(self, out: str | Path, name: str):
+        self.out = Path(out)
+        self.name = name
+        self.layout = RunLayout(out)
+        self.dir: Path = getattr(self.layout, self.SUBDIR)(name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.dir)!r})"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"

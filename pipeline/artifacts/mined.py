@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline import batching, shards
 from pipeline.artifacts.features import FeatureStore
-from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.layout import NamedRunDir
 from pipeline.config import MineConfig, config_hash, mine_config_dict, mined_plans
 from pipeline.integrity import (CorruptArtifact, clean_orphans, hold_lock, read_checked,
                                 sha256_bytes, write_checked)
@@ -110,28 +110,17 @@ def _load_state_at(path: str, mtime_ns: int, loader: Callable[[str], Any]) -> An
     return loader(path)
 
 
-class MinedSets:
+class MinedSets(NamedRunDir):
     """`<out>/mine/<name>/`. `MinedSets.open(store, name)` to read one; `MinedSets(out, name)`
     + `begin` to write one (the mine stage)."""
 
+    SUBDIR = "mined"
+
     def __init__(self, out: str | Path, name: str, store: FeatureStore | None = None):
-        self.out = Path(out)
-        self.name = name
-        self.dir = RunLayout(out).mined(name)
+        super().__init__(out, name)
         self.store = store
 
-    def __repr__(self) -> str:
-        return f"MinedSets({str(self.dir)!r})"
-
     # ---------------------------------------------------------------- paths
-    @property
-    def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "config.json"
-
     @property
     def summary_path(self) -> Path:
         return self.dir / "summary.json"
@@ -156,7 +145,7 @@ class MinedSets:
         from another feature cache."""
         ms = cls(store.out, name, store)
         if not ms.exists():
-            have = RunLayout(store.out).mined_names()
+            have = ms.layout.mined_names()
             raise ValueError(
                 f"no mined sets named {name!r} under {ms.dir.parent} (found: "
                 f"{', '.join(have) or 'none'}); run `{ms.mine_command()}` first, or pass the "

@@ -20,21 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.layout import NamedRunDir
 from pipeline.integrity import clean_orphans, hold_lock
 from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
 
 
-class EvalReport:
+class EvalReport(NamedRunDir):
     """`<out>/eval/<name>/` ('frozen', '<run>-<checkpoint>', ... see stages/evaluate.py)."""
 
-    def __init__(self, out: str | Path, name: str):
-        self.out = Path(out)
-        self.name = name
-        self.dir = RunLayout(out).eval(name)
-
-    def __repr__(self) -> str:
-        return f"EvalReport({str(self.dir)!r})"
+    SUBDIR = "eval"
 
     @property
     def metrics_path(self) -> Path:
@@ -56,7 +50,7 @@ class EvalReport:
 
         hold_lock(self.dir, "evaluation")  # the run it reads needs no lock
         clean_orphans(self.dir)
-        atomic_write_json(self.dir / "config.json", config)
+        atomic_write_json(self.config_path, config)
         if probes is not None:
             buf = io.BytesIO()
             torch.save(probes, buf)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts.features import FeatureStore
-from pipeline.artifacts.layout import RunLayout
+from pipeline.artifacts.layout import NamedRunDir
 from pipeline.config import CHECKPOINTS
 from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
                                 read_checked, write_checked)
@@ -122,26 +122,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class TrainRun:
+class TrainRun(NamedRunDir):
     """`<out>/train/<name>/`: the training stage writes it (`begin`, checkpoints, records),
     evaluation and sweeps read it (`checkpoint_for_eval`, `selection_records`)."""
 
-    def __init__(self, out: str | Path, name: str):
-        self.out = Path(out)
-        self.name = name
-        self.layout = RunLayout(out)
-        self.dir = self.layout.train(name)
-
-    def __repr__(self) -> str:
-        return f"TrainRun({str(self.dir)!r})"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "config.json"
+    SUBDIR = "train"
 
     @property
     def metrics_path(self) -> Path:
