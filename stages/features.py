@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts.features import FeatureCacheWriter
+from pipeline.artifacts.features import FeatureCacheWriter, unit_key
 from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
 from pipeline.integrity import NonFinite, nonfinite_rows, releases_locks, require_device
@@ -42,7 +42,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return f"{self.split}-{self.chunk:05d}"
+        return unit_key(self.split, self.chunk)
 
     @property
     def n_images(self) -> int:
