@@ -665,18 +665,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _type_error(cls: type, name: str, value: Any, want: str) -> ValueError:
-    return ValueError(f"{name}={value!r} ({type(value).__name__}) is not a valid value for "
-                      f"{cls.__name__}.{name}: expected {want}")
-
-
-def check_types(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+def check_types(cls: type, values: Mapping[str, Any],
+                written: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Values for `cls` with their declared types (ints stay ints, '0.5' is not a float, ...).
 
     Integral floats (3.0) pass as ints and ints as floats; lists become tuples; anything else of
-    the wrong type raises ValueError naming the option, the value and the expected type.
+    the wrong type raises ValueError naming the option as the user wrote it (`written`: field ->
+    the former name it was given under), the value and the expected type.
     """
     import typing
+
+    def _type_error(cls: type, name: str, value: Any, want: str) -> ValueError:
+        said = (written or {}).get(name, name)
+        field = f"{cls.__name__}.{name}" + (f", formerly {said!r}" if said != name else "")
+        return ValueError(f"{said}={value!r} ({type(value).__name__}) is not a valid value for "
+                          f"{field}: expected {want}")
 
     hints = typing.get_type_hints(cls)
     out = dict(values)
@@ -739,6 +742,8 @@ def resolve(
     if config_file is not None:
         data = load_config_file(config_file)
         section = data.get(stage, {}) if stage else {}
+        written = {new: old for old, new in DEPRECATED_NAMES.get(stage, {}).items()
+                   if old in section and new not in section}
         section = upgrade_names(stage, section, f"config file {str(config_file)!r} [{stage}]")
         flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
         unknown = set(flat) - _all_option_names()
@@ -750,7 +755,7 @@ def resolve(
         from_file = {**{k: v for k, v in flat.items() if k in names},
                      **{k: v for k, v in section.items() if k in names}}
         try:
-            check_types(cls, from_file)
+            check_types(cls, from_file, written)
         except ValueError as exc:
             raise ValueError(f"config file {str(config_file)!r}: {exc}") from None
         merged.update(from_file)

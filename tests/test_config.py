@@ -71,6 +71,11 @@ def test_deprecated_names_in_a_stage_table(tmp_path, caplog):
     with pytest.raises(ValueError, match="epochs=3 and plans=4 name the same option"):
         resolve(MineConfig, config_file=path, stage="mine")
     assert DEPRECATED_NAMES["mine"] == {"epochs": "plans"}
+    # a wrongly typed value is reported under the name the user wrote
+    path.write_text('[mine]\nepochs = "two"\n')
+    with pytest.raises(ValueError, match=r"epochs='two' \(str\) is not a valid value for "
+                                         r"MineConfig.plans, formerly 'epochs': expected an integer"):
+        resolve(MineConfig, config_file=path, stage="mine")
 
 
 def _capture(monkeypatch, module: str) -> list:
