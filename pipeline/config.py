@@ -675,7 +675,7 @@ def check_types(cls: type, values: Mapping[str, Any],
     """
     import typing
 
-    def _type_error(cls: type, name: str, value: Any, want: str) -> ValueError:
+    def fail(name: str, value: Any, want: str) -> ValueError:
         said = (written or {}).get(name, name)
         field = f"{cls.__name__}.{name}" + (f", formerly {said!r}" if said != name else "")
         return ValueError(f"{said}={value!r} ({type(value).__name__}) is not a valid value for "
@@ -692,7 +692,7 @@ def check_types(cls: type, values: Mapping[str, Any],
         base = [a for a in args if a is not type(None)] if optional else [hint]
         if value is None:
             if not optional:
-                raise _type_error(cls, name, value, getattr(base[0], "__name__", str(base[0])))
+                raise fail(name, value, getattr(base[0], "__name__", str(base[0])))
             continue
         t = base[0]
         origin = typing.get_origin(t)
@@ -700,25 +700,25 @@ def check_types(cls: type, values: Mapping[str, Any],
             inner = typing.get_args(t)[0]
             if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
                     isinstance(v, inner) and not isinstance(v, bool) for v in value):
-                raise _type_error(cls, name, value, f"a list of {inner.__name__}")
+                raise fail(name, value, f"a list of {inner.__name__}")
             out[name] = tuple(value)
         elif t is bool:
             if not isinstance(value, bool):
-                raise _type_error(cls, name, value, "true or false")
+                raise fail(name, value, "true or false")
         elif t is int:
             if isinstance(value, float) and value.is_integer():
                 value = out[name] = int(value)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise _type_error(cls, name, value, "an integer")
+                raise fail(name, value, "an integer")
         elif t is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _type_error(cls, name, value, "a number")
+                raise fail(name, value, "a number")
             out[name] = float(value)
         elif t is str:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[name] = str(value)  # e.g. anchors_per_image = 0.25
             elif not isinstance(value, str):
-                raise _type_error(cls, name, value, "a string")
+                raise fail(name, value, "a string")
     return out
 
 

@@ -137,7 +137,7 @@ def _plan_from_batching(cfg: AuditConfig, store: FeatureStore, base: MineConfig)
     if base.batch_size > n_items:
         log.info("sweep: batch_size %d > %d training crops; using %d", base.batch_size, n_items, n_items)
         base = dataclasses.replace(base, batch_size=n_items)
-        plan = MiningPlan.for_config(store, base)
+        plan = dataclasses.replace(plan, batch_size=n_items)  # same crops, one batch
     h, w = store.grid("train")
     out = []
     for k in range(min(cfg.batches, plan.n_batches(cfg.epoch))):
