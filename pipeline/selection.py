@@ -6,8 +6,11 @@ The held-out crops are the crops of whole source images that mining left out
 selection point the branch encodes their cached mid tokens and the run is scored at patch level
 (each patch's label = the majority label of its pixels, -1 if mostly ignore):
 
-  cluster_miou / cluster_acc  spherical k-means (K = classes, seeded) on the held-out code,
-                              Hungarian-matched to the patch labels
+  cluster_miou / cluster_acc  spherical k-means (K = classes) on the held-out code,
+                              Hungarian-matched to the patch labels: the mean over `seeds`
+                              k-means seeds (seed, seed+1, ...; each with restarts), which
+                              steadies the score between selection points; the seeds' values
+                              and their std are kept (`cluster_miou_seeds`, `cluster_miou_std`)
   linear_miou / linear_acc    2-fold cross-fitting by source image: a linear probe fitted to
                               convergence on one half of the held-out images predicts the other
   erank, top3_share, mean_cos label-free collapse signals of the held-out code
@@ -32,6 +35,7 @@ import torch
 
 from pipeline import probes
 from pipeline.artifacts.features import FeatureStore, take_rows
+from pipeline.seeds import seed_list, spread
 
 log = logging.getLogger("ppap.selection")
 
@@ -82,12 +86,19 @@ class Holdout:
         branch.train(was_training)
         return np.concatenate(out)
 
-    def score(self, branch, seed: int) -> dict[str, Any]:
+    def score(self, branch, seed: int, seeds: int = 1) -> dict[str, Any]:
+        """The selection record of `branch` now (see the module docstring); the cluster scores
+        are means over `seeds` k-means seeds."""
         x = self.code(branch)
         rec: dict[str, Any] = probes.code_stats(x).as_dict()
         if self.patch_labels is not None:
-            cs = probes.cluster_miou(x, self.patch_labels, self.num_classes, seed)
-            rec.update(cluster_miou=round(cs.miou, 3), cluster_acc=round(cs.accuracy, 3))
+            fits = [probes.cluster_miou(x, self.patch_labels, self.num_classes, s)
+                    for s in seed_list(seed, seeds)]
+            miou, acc = spread(f.miou for f in fits), spread(f.accuracy for f in fits)
+            rec.update(cluster_miou=round(miou.mean, 3), cluster_acc=round(acc.mean, 3))
+            if seeds > 1:
+                rec.update(cluster_miou_std=round(miou.std, 3),
+                           cluster_miou_seeds=[round(v, 3) for v in miou.values])
             if self.n_images >= 2:
                 ls = probes.crossfit_linear_miou(x, self.histograms, self.patch_labels, self.groups,
                                                  self.num_classes, folds=2, seed=seed)

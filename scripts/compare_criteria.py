@@ -16,11 +16,22 @@ redone (every stage resumes), so rerunning after an interruption only does what 
     python scripts/compare_criteria.py train-eval --preset camvid --out data_cache/camvid \
         --criteria ppap p0 hp kmeans --train-args "--max-steps 100 --select-every 20"
 
+    # the same over 3 training seeds (each: its own batch plans, anchors, holdout and init),
+    # every evaluation over the preset's 3 probe seeds: mean ± std, differences vs frozen
+    python scripts/compare_criteria.py train-eval --preset camvid --seeds 3
+
 Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
-through, quoted), --checkpoints (train-eval: best last labelfree), --table-only, --md FILE (also write the table there), --dry-run (print the commands).
-Mined sets are named after the criterion (`<out>/mine/<criterion>`), except that `audit` mines
-`--plans 1` into `<out>/mine/audit-<criterion>` so it never clashes with a full run; training
-runs are `<out>/train/<criterion>`.
+through, quoted), --checkpoints (train-eval: best last labelfree), --seeds N (training seeds
+seed..seed+N-1; audit: mining seeds), --seed, --tag (train-eval: train `<criterion>-<tag>` on the
+same mined sets, e.g. another schedule), --table-only, --md FILE (also write the table there),
+--dry-run (print the commands).
+
+Seed s (s = --seed is the first) mines `<out>/mine/<criterion>` with `--seed s`, later seeds
+`<criterion>-seed<s>`; `audit` mines `--plans 1` into `audit-<criterion>[-seed<s>]` so it never
+clashes with a full run; training runs are `<out>/train/<criterion>[-<tag>][-seed<s>]`, trained
+with `--seed s`. Every figure is the mean ± std over all evaluations of a row (training seeds ×
+the eval's probe seeds; the frozen baseline: probe seeds only); "> 2 std" marks a difference to
+frozen larger than twice sqrt(std_a² + std_b²) (pipeline.seeds.compare).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from pathlib import Path
 from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import TrainRun
+from pipeline.seeds import Spread, compare, seed_list, spread
 
 CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
 REPO = Path(__file__).resolve().parents[1]
@@ -67,27 +79,45 @@ def fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def seeds(args: argparse.Namespace) -> list[int]:
+    return seed_list(args.seed, args.seeds)
+
+
+def suffix(args: argparse.Namespace, seed: int) -> str:
+    """'' for the first seed (the names of a single-seed comparison), else '-seed<s>'."""
+    return "" if seed == args.seed else f"-seed{seed}"
+
+
+AUDIT_KEYS = (("n_pos", ",.0f"), ("tp_in_p", ".1f"), ("tp_in_p_pooled", ".1f"), ("n_neg", ",.0f"),
+              ("fp_in_n", ".1f"), ("n_amb", ",.0f"), ("recall", ".1f"), ("no_pos_pct", ".1f"))
+
+
 def do_audit(args: argparse.Namespace) -> None:
-    names = [f"audit-{c}" for c in args.criteria]
-    for c, name in zip(args.criteria, names):
-        cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--plans", "1",
-            extra=args.mine_args)
-    json_path = RunLayout(out_dir(args)).audit / "criteria.json"
-    mined = [x for n in names for x in ("--mined", n)]
-    cli(args, "audit", *common(args), *mined, "--batches", str(args.batches), "--max-anchors",
-        str(args.max_anchors), "--json", str(json_path),
-        "--plot", str(json_path.with_name("criteria_fig1b.png")))
+    reports = []
+    for seed in seeds(args):
+        names = [f"audit-{c}{suffix(args, seed)}" for c in args.criteria]
+        for c, name in zip(args.criteria, names):
+            cli(args, "mine", *common(args), "--criterion", c, "--name", name, "--plans", "1",
+                "--seed", str(seed), extra=args.mine_args)
+        json_path = RunLayout(out_dir(args)).audit / f"criteria{suffix(args, seed)}.json"
+        mined = [x for n in names for x in ("--mined", n)]
+        cli(args, "audit", *common(args), *mined, "--batches", str(args.batches), "--max-anchors",
+            str(args.max_anchors), "--seed", str(seed), "--json", str(json_path),
+            "--plot", str(json_path.with_name(json_path.stem + "_fig1b.png")))
+        if not args.dry_run:
+            reports.append(json.loads(json_path.read_text()))
     if args.dry_run:
         return
-    rep = json.loads(json_path.read_text())
-    lines = [f"Epoch {rep['epoch']}, batches {rep['batches']}, {sum(rep['anchors_audited'])} sampled "
-             "anchors, the same for every criterion:", "",
+    n = len(reports)
+    rep = reports[0]
+    lines = [f"Plan 0, batches {rep['batches']} of each mining seed ({', '.join(map(str, seeds(args)))}), "
+             f"{sum(rep['anchors_audited'])} sampled anchors per seed, the same for every criterion"
+             + (f"; mean ± std over {n} mining seeds" if n > 1 else "") + ":", "",
              "| criterion | mean \\|P\\| | % TP in P | % TP pooled | mean \\|N\\| | % FP in N | "
-             "mean \\|A\\| | recall % | no positive |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rep["runs"]:
-        lines.append(f"| {r['criterion']} | {fmt(r['n_pos'], ',.0f')} | {fmt(r['tp_in_p'])} | "
-                     f"{fmt(r['tp_in_p_pooled'])} | {fmt(r['n_neg'], ',.0f')} | {fmt(r['fp_in_n'])} | "
-                     f"{fmt(r['n_amb'], ',.0f')} | {fmt(r['recall'])} | {fmt(r['no_pos_pct'])}% |")
+             "mean \\|A\\| | recall % | no positive % |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rep["runs"]):
+        cells = [spread(x["runs"][i][k] for x in reports).format(spec) for k, spec in AUDIT_KEYS]
+        lines.append(f"| {r['criterion']} | " + " | ".join(cells) + " |")
     emit(args, lines)
 
 
@@ -95,11 +125,25 @@ def metrics(args: argparse.Namespace, name: str) -> dict:
     return EvalReport(out_dir(args), name).metrics()
 
 
-def cell(m: dict, probe: str, crf: bool = False) -> str:
-    block = m["crf" if crf else "no_crf"]
-    if block is None:
+def values(reports: list[dict], key: str, crf: bool = False) -> Spread:
+    """Every evaluation's value of `key` (e.g. cluster_miou) over the reports and their probe
+    seeds (reports written before --seeds count as one seed)."""
+    tag = "crf" if crf else "no_crf"
+    out = []
+    for m in reports:
+        if m.get(tag) is None:
+            continue
+        out += [r[tag][key] for r in m.get("seeds", [m])]
+    return spread(out)
+
+
+def cell(reports: dict | list[dict], probe: str, crf: bool = False) -> str:
+    """'acc / mIoU', each mean ± std over every evaluation of the reports."""
+    reports = reports if isinstance(reports, list) else [reports]
+    acc, miou = values(reports, f"{probe}_acc", crf), values(reports, f"{probe}_miou", crf)
+    if miou.mean is None:
         return "-"
-    return f"{block[f'{probe}_acc']:.1f} / {block[f'{probe}_miou']:.1f}"
+    return f"{acc.format()} / {miou.format()}"
 
 
 def do_probes(args: argparse.Namespace) -> None:
@@ -115,9 +159,14 @@ def do_probes(args: argparse.Namespace) -> None:
     emit(args, lines)
 
 
-def run_of(args: argparse.Namespace, criterion: str) -> str:
-    """Training run of a criterion: `<out>/train/<criterion>` unless --run CRITERION=RUN."""
-    return dict(x.split("=", 1) for x in args.run).get(criterion, criterion)
+def run_of(args: argparse.Namespace, criterion: str, seed: int | None = None) -> str:
+    """Training run of a criterion and seed: `<criterion>[-<tag>][-seed<s>]` unless --run
+    CRITERION=RUN (first seed only)."""
+    seed = args.seed if seed is None else seed
+    given = dict(x.split("=", 1) for x in args.run)
+    if seed == args.seed and criterion in given:
+        return given[criterion]
+    return criterion + (f"-{args.tag}" if args.tag else "") + suffix(args, seed)
 
 
 def selection(args: argparse.Namespace, run: str) -> dict:
@@ -150,68 +199,118 @@ def eval_once(args: argparse.Namespace, name: str, *argv: str) -> None:
 
 
 def do_train_eval(args: argparse.Namespace) -> None:
-    """Issue-8 protocol: mine, train with held-out selection, evaluate best/last (probes refitted
-    on the model's training-split code), frozen baseline with the same probes."""
+    """Mine, train with held-out selection and evaluate best/last (probes refitted on the
+    model's training-split code) for every criterion and training seed; the frozen baseline
+    with the same probes."""
     eval_once(args, "frozen", "--baseline", "frozen")
     for c in args.criteria:
-        run = run_of(args, c)
-        cli(args, "mine", *common(args), "--criterion", c, "--name", c, extra=args.mine_args)
-        if run == c:  # a run given by --run was trained already (e.g. by sweep-train)
-            cli(args, "train", *common(args), "--mined", c, "--name", c, extra=args.train_args)
-        if args.dry_run:
-            continue
-        for ck, _, name in checkpoints(args, run):
-            if name == f"{run}-{ck}":
-                eval_once(args, name, "--trained", run, "--checkpoint", ck)
+        for seed in seeds(args):
+            run = run_of(args, c, seed)
+            mined = c + suffix(args, seed)
+            cli(args, "mine", *common(args), "--criterion", c, "--name", mined, "--seed", str(seed),
+                extra=args.mine_args)
+            if run != dict(x.split("=", 1) for x in args.run).get(c):  # not a given run
+                cli(args, "train", *common(args), "--mined", mined, "--name", run, "--seed",
+                    str(seed), extra=args.train_args)
+            if args.dry_run:
+                continue
+            for ck, _, name in checkpoints(args, run):
+                if name == f"{run}-{ck}":
+                    eval_once(args, name, "--trained", run, "--checkpoint", ck)
     if args.primaps_em:
         eval_once(args, "frozen-primaps-em", "--baseline", "frozen", "--probe", "primaps-em")
         for c in args.criteria:
-            run = run_of(args, c)
-            eval_once(args, f"{run}-best-primaps-em", "--trained", run, "--probe", "primaps-em")
+            for seed in seeds(args):
+                run = run_of(args, c, seed)
+                eval_once(args, f"{run}-best-primaps-em", "--trained", run, "--probe", "primaps-em")
     if args.dry_run:
         return
     emit(args, train_eval_table(args))
 
 
+def _row(args: argparse.Namespace, c: str, ck: str) -> dict:
+    """One table row: the reports, checkpoint steps and held-out scores of every seed's run."""
+    reports, steps, held = [], [], []
+    for seed in seeds(args):
+        run = run_of(args, c, seed)
+        records = {r["step"]: r for r in TrainRun(out_dir(args), run).selection_records()}
+        found = {k: (step, name) for k, step, name in checkpoints(args, run)}
+        step, name = found[ck]
+        reports.append(metrics(args, name))
+        steps.append(step)
+        held.append(records.get(step, {}).get("cluster_miou"))
+    return {"reports": reports, "steps": steps, "held": spread(held)}
+
+
 def train_eval_table(args: argparse.Namespace) -> list[str]:
     fz = metrics(args, "frozen")
-    lines = ["acc / mIoU (%) on the evaluation split, k-means and a converged linear probe fitted "
-             "on each model's training-split code; checkpoints chosen on held-out *training* "
-             "images (best: held-out cluster mIoU; labelfree: the rank rule).", "",
-             "| features | checkpoint (step) | held-out cluster mIoU | cluster | cluster + CRF | "
-             "linear | linear + CRF |", "|---|---|---|---|---|---|---|"]
-    frozen_hold = None
-    rows_iou = [("frozen", fz)]
+    n_train = len(seeds(args))
+    n_probe = fz.get("n_seeds", 1)
+    lines = [f"acc / mIoU (%) on the evaluation split, mean ± std over {n_train} training "
+             f"seed(s) × {n_probe} probe seed(s) (frozen: the probe seeds): k-means and a "
+             "converged linear probe fitted on each model's training-split code; checkpoints "
+             "chosen on held-out *training* images (best: held-out cluster mIoU; labelfree: the "
+             "rank rule); Δ = cluster mIoU − frozen, marked when larger than 2 std.", "",
+             "| features | checkpoint (steps) | held-out cluster mIoU | cluster | cluster + CRF | "
+             "linear | linear + CRF | Δ cluster mIoU |", "|---|---|---|---|---|---|---|---|"]
+    frozen_held = []
+    rows_iou = [("frozen", [fz])]
+    frozen_miou = values([fz], "cluster_miou")
+    verdicts = []
     for c in args.criteria:
-        run = run_of(args, c)
-        sel = selection(args, run)
-        frozen_hold = sel["frozen"]["cluster_miou"]
-        records = {r["step"]: r for r in TrainRun(out_dir(args), run).selection_records()}
-        for ck, step, name in checkpoints(args, run):
-            m = metrics(args, name)
-            if ck == "best":
-                rows_iou.append((f"{c} ({ck})", m))
-            hold = records.get(step, {}).get("cluster_miou")
-            lines.append(f"| {c}-trained (`{run}`) | {ck} ({step}) | {fmt(hold)} | {cell(m, 'cluster')} | "
-                         f"{cell(m, 'cluster', True)} | {cell(m, 'linear')} | {cell(m, 'linear', True)} |")
-    lines.insert(4, f"| frozen | - | {fmt(frozen_hold)} | {cell(fz, 'cluster')} | "
-                    f"{cell(fz, 'cluster', True)} | {cell(fz, 'linear')} | {cell(fz, 'linear', True)} |")
+        for seed in seeds(args):
+            frozen_held.append(selection(args, run_of(args, c, seed))["frozen"]["cluster_miou"])
+        for ck in args.checkpoints:
+            row = _row(args, c, ck)
+            reps = row["reports"]
+            if ck == args.checkpoints[0]:
+                rows_iou.append((f"{c} ({ck})", reps))
+            d = compare(frozen_miou, values(reps, "cluster_miou"))
+            verdicts.append((f"{c} ({ck})", d))
+            run0 = run_of(args, c)
+            lines.append(f"| {c}-trained (`{run0}`{', …' if n_train > 1 else ''}) | {ck} "
+                         f"({', '.join(map(str, row['steps']))}) | {row['held'].format()} | "
+                         f"{cell(reps, 'cluster')} | {cell(reps, 'cluster', True)} | "
+                         f"{cell(reps, 'linear')} | {cell(reps, 'linear', True)} | {d.format()} |")
+    lines.insert(4, f"| frozen | - | {spread(dict.fromkeys(frozen_held)).format()} | "
+                    f"{cell(fz, 'cluster')} | {cell(fz, 'cluster', True)} | {cell(fz, 'linear')} | "
+                    f"{cell(fz, 'linear', True)} | |")
+    above = [label for label, d in verdicts if d.exceeds and d.delta > 0]
+    below = [label for label, d in verdicts if d.exceeds and d.delta < 0]
+    lines += ["", "Differences to frozen cluster mIoU larger than 2 std: "
+              + (f"above frozen: {', '.join(above)}" if above else "none above frozen") + "; "
+              + (f"below frozen: {', '.join(below)}" if below else "none below frozen") + "."]
     names = fz["class_names"]
-    lines += ["", "Per-class cluster IoU (%, no CRF):", "",
+    lines += ["", "Per-class cluster IoU (%, no CRF; mean ± std over the same evaluations):", "",
               "| features | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, m in rows_iou:
-        ious = m["no_crf"]["per_class_iou"]["cluster"]
-        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in ious) + " |")
+    for label, reps in rows_iou:
+        cols = []
+        for k in range(len(names)):
+            vals = [r["no_crf"]["per_class_iou"]["cluster"][k] for m in reps
+                    for r in m.get("seeds", [m])]
+            cols.append(spread(vals).format())
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    lines += ["", "Every evaluation's cluster mIoU (no CRF), by training run and probe seed:", "",
+              "| features | run | cluster mIoU per probe seed | mean |", "|---|---|---|---|"]
+    lines.append(f"| frozen | `frozen` | {', '.join(f'{v:.1f}' for v in frozen_miou.values)} | "
+                 f"{frozen_miou.format()} |")
+    for c in args.criteria:
+        ck = args.checkpoints[0]
+        for seed, m in zip(seeds(args), _row(args, c, ck)["reports"]):
+            v = values([m], "cluster_miou")
+            lines.append(f"| {c} ({ck}) | `{run_of(args, c, seed)}` | "
+                         f"{', '.join(f'{x:.1f}' for x in v.values)} | {v.format()} |")
     if args.primaps_em:
         lines += ["", "| features | cluster probe | cluster | cluster + CRF |", "|---|---|---|---|"]
-        pairs = [("frozen", "frozen", "frozen-primaps-em")]
-        pairs += [(f"{c} (best)", checkpoints(args, run_of(args, c))[0][2],
-                   f"{run_of(args, c)}-best-primaps-em")
-                  for c in args.criteria]
+        pairs = [("frozen", [fz], [metrics(args, "frozen-primaps-em")])]
+        for c in args.criteria:
+            row = _row(args, c, "best")
+            em = [metrics(args, f"{run_of(args, c, s)}-best-primaps-em") for s in seeds(args)]
+            pairs.append((f"{c} (best)", row["reports"], em))
         for label, km, em in pairs:
-            for probe, name in (("k-means", km), ("PriMaPs-EM", em)):
-                m = metrics(args, name)
-                lines.append(f"| {label} | {probe} | {cell(m, 'cluster')} | {cell(m, 'cluster', True)} |")
+            for probe, reps in (("k-means", km), ("PriMaPs-EM", em)):
+                lines.append(f"| {label} | {probe} | {cell(reps, 'cluster')} | "
+                             f"{cell(reps, 'cluster', True)} |")
     return lines
 
 
@@ -238,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="train-eval: recompute evaluations that exist already")
     p.add_argument("--table-only", action="store_true",
                    help="train-eval: print the table from existing results, run nothing")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds (train-eval) / mining seeds (audit): seed..seed+N-1")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    p.add_argument("--tag", default="",
+                   help="train-eval: name runs <criterion>-<tag>[-seed<s>] (another recipe on the "
+                        "same mined sets, e.g. --tag e10 --train-args '--epochs 10')")
     p.add_argument("--md", default=None, help="also write the Markdown table to this file")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)

@@ -53,6 +53,7 @@ from pipeline.executor import progress, timed
 from pipeline.integrity import releases_locks, require_device
 from pipeline.metrics import Confusion, cluster_scores, linear_scores, matched_confusion
 from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, fit_linear, patch_histograms, spherical_kmeans
+from pipeline.seeds import format_mean_std, mean_block, seed_list
 from pipeline.store import code_version
 from pipeline.viz import colourise, palette
 
@@ -71,16 +72,38 @@ PRIMAPS_EM_CACHE_MB = 1536  # --probe primaps-em: float16 training code held in 
 
 
 @dataclass
+class SeedFit:
+    """The probes of one probe seed: the cluster probe fitted with `seed`, and the linear probe
+    (one fit is shared by the seeds whose seeded training subsample is the same)."""
+
+    seed: int
+    cluster: Any  # pipeline.model.ClusterProbe (or pipeline.eigen.EigenClusterProbe)
+    linear: Any  # pipeline.model.LinearProbe
+    info: dict[str, Any]
+
+
+@dataclass
 class Probes:
-    """What the evaluation needs from a model: code for val crops, and the two probes."""
+    """What the evaluation needs from a model: code for val crops, and its probes per seed."""
 
     name: str
     inputs: str  # the val array `code` reads: "tokens" (trained branch) or "feats" (frozen)
     code: Callable[[dict[str, np.ndarray]], torch.Tensor]  # val batch -> (B, D, h, w) float32
-    linear: Any  # pipeline.model.LinearProbe
-    cluster: Any  # pipeline.model.ClusterProbe (or pipeline.eigen.EigenClusterProbe)
+    fits: list[SeedFit]  # one per probe seed (one for --probes trained)
     info: dict[str, Any]
     source: "CodeSource | None" = None  # training-split code of this model (to fit probes on)
+
+    @property
+    def linears(self) -> list[Any]:
+        """The distinct linear probes, in seed order (a shared fit is scored once)."""
+        out: list[Any] = []
+        for f in self.fits:
+            if not any(f.linear is x for x in out):
+                out.append(f.linear)
+        return out
+
+    def linear_index(self, fit: SeedFit) -> int:
+        return next(i for i, x in enumerate(self.linears) if x is fit.linear)
 
 
 # --------------------------------------------------------------------------- model sources
@@ -149,12 +172,16 @@ def _trained_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     name = report_name(cfg)
     source = branch_source(store, branch, dev, cfg.trained)
     if cfg.probes == "refit":
-        linear, cluster, fit_info = _fit_probes(cfg, store, source)
-        return Probes(name, "tokens", code, linear, cluster, {**info, **fit_info}, source)
+        fits, fit_info = _fit_probes(cfg, store, source)
+        return Probes(name, "tokens", code, fits, {**info, **fit_info}, source)
     if linear is None:
         raise ValueError(f"{info['checkpoint']} has no linear probe (trained without labels); "
                          "cannot evaluate it with --probes trained")
-    return Probes(name, "tokens", code, linear, cluster, info, source)
+    if cfg.seeds > 1 and cfg.probe == "kmeans":
+        log.info("eval: --probes trained scores the probes saved with the run, one fit: "
+                 "--seeds %d applies to fitted probes only", cfg.seeds)
+    fits, fit_info = _fit_probes(cfg, store, source, trained=(linear, cluster))
+    return Probes(name, "tokens", code, fits, {**info, **fit_info}, source)
 
 
 def report_name(cfg: EvalConfig) -> str:
@@ -214,13 +241,14 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
-                     source: CodeSource | None = None):
+                     source: CodeSource | None = None, crops: np.ndarray | None = None):
     """LinearProbe fitted to convergence on training-split code (pipeline.probes.fit_linear).
 
     `source` defaults to the frozen features. Rows: the patches of a seeded choice of whole
-    training crops (all of them up to LINEAR_MAX_ROWS patches); targets: the class histogram of
-    the labelled pixels under each patch. The fit (on standardised code, L-BFGS) is folded back
-    into an ordinary 1x1-conv LinearProbe on raw code.
+    training crops (`crops`, default `linear_crops(store, seed)`: all of them up to
+    LINEAR_MAX_ROWS patches); targets: the class histogram of the labelled pixels under each
+    patch. The fit (on standardised code, L-BFGS) is folded back into an ordinary 1x1-conv
+    LinearProbe on raw code.
     """
     from pipeline.model import LinearProbe
 
@@ -230,7 +258,7 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
         raise ValueError(f"{store.path}/{FIT_SPLIT} has no labels; a fitted linear probe needs a "
                          "labelled training split")
     grid = store.grid(FIT_SPLIT)
-    chosen = _sample_crops(store, seed, LINEAR_MAX_ROWS, 2)
+    chosen = linear_crops(store, seed) if crops is None else crops
     xs, hs = [], []
     starts = range(0, len(chosen), PROBE_BLOCK)
     with progress(total=len(starts), desc=f"read {source.name}", unit="block") as bar:
@@ -256,41 +284,84 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     return probe
 
 
-def _fit_probes(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
-    """(linear, cluster, info): seeded spherical k-means (K = classes) and a linear probe fitted
-    to convergence, both on `source`'s training-split code; the same path for every model."""
+def linear_crops(store: FeatureStore, seed: int) -> np.ndarray:
+    """The training crops the linear probe of `seed` is fitted on (all up to LINEAR_MAX_ROWS
+    patches, so then every seed gets the same fit)."""
+    return _sample_crops(store, seed, LINEAR_MAX_ROWS, 2)
+
+
+def _kmeans_probe(store: FeatureStore, seed: int, source: CodeSource, device: torch.device):
+    """(ClusterProbe, info): spherical k-means (K = classes, restarts) of `seed`'s sample."""
     from pipeline.model import ClusterProbe
 
-    dev = torch.device(cfg.device)
     k = store.num_classes
-    info: dict[str, Any] = {"fit_code": source.name}
-    if cfg.probe == "kmeans":
-        with timed(f"spherical k-means on {source.name}", log):
-            x = _kmeans_sample(store, cfg.seed, source)
-            centroids = fit_kmeans(x, k, cfg.seed)
-        cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            cluster.centroids.copy_(torch.from_numpy(centroids))
-        cluster = cluster.to(dev).eval().requires_grad_(False)
-        info.update(kmeans_rows=int(len(x)), kmeans_niter=KMEANS_NITER, kmeans_nredo=KMEANS_NREDO)
-    else:  # fitted by run() through fit_seed_probe
-        cluster = None
-    with timed(f"linear probe on {source.name}", log):
-        linear = fit_linear_probe(store, cfg.seed, dev, source)
-    info.update(linear.fit_info)
-    return linear, cluster, info
+    with timed(f"spherical k-means (seed {seed}) on {source.name}", log):
+        x = _kmeans_sample(store, seed, source)
+        centroids = fit_kmeans(x, k, seed)
+    cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cluster.centroids.copy_(torch.from_numpy(centroids))
+    return cluster.to(device).eval().requires_grad_(False), {"kmeans_rows": int(len(x))}
+
+
+def _fit_probes(cfg: EvalConfig, store: FeatureStore, source: CodeSource,
+                trained: tuple[Any, Any] | None = None) -> tuple[list[SeedFit], dict[str, Any]]:
+    """Probes per seed (`--seeds`: cfg.seed, cfg.seed + 1, ...) and the fit record.
+
+    Cluster probe: seeded spherical k-means (K = classes, KMEANS_NREDO restarts, the lowest
+    inertia kept), or the `--probe primaps-em | eigen` fit, on `source`'s training-split code;
+    linear probe: fitted to convergence on the same code, once per distinct seeded subsample.
+    `trained` = (linear, cluster) of a checkpoint (--probes trained): its linear probe for every
+    seed, and its cluster probe as the one fit unless --probe replaces it.
+    """
+    dev = torch.device(cfg.device)
+    one_trained_fit = trained is not None and cfg.probe == "kmeans"
+    seeds = [cfg.seed] if one_trained_fit else seed_list(cfg.seed, cfg.seeds)
+    info: dict[str, Any] = {"fit_code": source.name, "probe_seeds": seeds}
+    if cfg.probe == "kmeans" and trained is None:
+        info.update(kmeans_niter=KMEANS_NITER, kmeans_nredo=KMEANS_NREDO)
+    linears: dict[bytes, Any] = {}
+    memo: dict[bytes, np.ndarray] = {}
+    fits: list[SeedFit] = []
+    for seed in seeds:
+        fit_info: dict[str, Any] = {"seed": seed}
+        if one_trained_fit:
+            cluster = trained[1]
+        elif cfg.probe == "kmeans":
+            cluster, extra = _kmeans_probe(store, seed, source, dev)
+            fit_info.update(extra)
+        else:
+            cluster, extra = fit_seed_probe(cfg, store, source, seed, memo)
+            fit_info.update(extra)
+        if trained is not None:
+            linear = trained[0]
+        else:
+            crops = linear_crops(store, seed)
+            key = crops.tobytes()
+            if key not in linears:
+                with timed(f"linear probe (seed {seed}) on {source.name}", log):
+                    linears[key] = fit_linear_probe(store, seed, dev, source, crops)
+            linear = linears[key]
+            fit_info["linear_fit"] = list(linears).index(key)
+        fits.append(SeedFit(seed, cluster, linear, fit_info))
+    first = fits[0]
+    if trained is None:
+        info.update(first.linear.fit_info)
+        info["linear_fits"] = len(linears)
+    info.update({k: v for k, v in first.info.items() if k in ("kmeans_rows", "cluster_probe")})
+    info["fits"] = [f.info for f in fits]
+    return fits, info
 
 
 def _frozen_probes(cfg: EvalConfig, store: FeatureStore) -> Probes:
     source = frozen_source(store)
-    linear, cluster, info = _fit_probes(cfg, store, source)
+    fits, info = _fit_probes(cfg, store, source)
     code = _frozen_code_fn(store, EVAL_SPLIT, torch.device(cfg.device))
-    return Probes("frozen", "feats", code, linear, cluster, info, source)
+    return Probes("frozen", "feats", code, fits, info, source)
 
 
-def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.ndarray:
-    """Normalised training-split code of (a seeded, memory-capped subset of) the valid crops,
-    (n, h*w, D) float16, for PriMaPs-EM."""
+def _primaps_crops(store: FeatureStore, seed: int) -> np.ndarray:
+    """The valid training crops PriMaPs-EM reads (a seeded subset beyond PRIMAPS_EM_CACHE_MB)."""
     g = store.split(FIT_SPLIT)
     crops = _valid_rows(g, store.n(FIT_SPLIT))
     hw = int(np.prod(store.grid(FIT_SPLIT)))
@@ -299,6 +370,12 @@ def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.nd
         rng = np.random.default_rng([seed, 3])
         crops = np.sort(rng.choice(crops, size=cap, replace=False))
         log.info("primaps-em: using %d of the training crops (PRIMAPS_EM_CACHE_MB)", cap)
+    return crops
+
+
+def _training_crops(store: FeatureStore, crops: np.ndarray, source: CodeSource) -> np.ndarray:
+    """Normalised training-split code of `crops`, (n, h*w, D) float16, for PriMaPs-EM."""
+    hw = int(np.prod(store.grid(FIT_SPLIT)))
     out = np.empty((len(crops), hw, store.embed_dim), np.float16)
     starts = range(0, len(crops), PROBE_BLOCK)
     with progress(total=len(starts), desc=f"read {source.name}", unit="block") as bar:
@@ -309,35 +386,44 @@ def _training_crops(store: FeatureStore, seed: int, source: CodeSource) -> np.nd
     return out
 
 
-def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
-    """(cluster-probe-like module, info) for --probe primaps-em | eigen, fitted on `source`."""
+def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource,
+                   seed: int | None = None, memo: dict[bytes, np.ndarray] | None = None):
+    """(cluster-probe-like module, info) for --probe primaps-em | eigen, fitted on `source`
+    with `seed` (default cfg.seed). `memo` keeps PriMaPs-EM's training code between seeds that
+    read the same crops."""
     from pipeline import eigen, primaps
     from pipeline.model import ClusterProbe
 
+    seed = cfg.seed if seed is None else seed
     k = store.num_classes
     dev = torch.device(cfg.device)
     if cfg.probe == "primaps-em":
         params = primaps.EMParams(steps=cfg.em_steps, psi=cfg.primaps_psi,
                                   coverage=cfg.primaps_coverage)
-        X = _training_crops(store, cfg.seed, source)
-        with timed(f"PriMaPs-EM on {source.name}", log), \
+        crops = _primaps_crops(store, seed)
+        memo = {} if memo is None else memo
+        if crops.tobytes() not in memo:
+            memo.clear()  # one copy in memory at a time (up to PRIMAPS_EM_CACHE_MB)
+            memo[crops.tobytes()] = _training_crops(store, crops, source)
+        X = memo[crops.tobytes()]
+        with timed(f"PriMaPs-EM (seed {seed}) on {source.name}", log), \
                 progress(total=params.steps, desc="primaps-em", unit="step") as bar:
             def on_step(step: int, loss: float) -> None:
                 bar.update(1)
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-            protos, info = primaps.fit_primaps_em(X, k, cfg.seed, params, progress=on_step)
+            protos, info = primaps.fit_primaps_em(X, k, seed, params, progress=on_step)
         cluster = ClusterProbe(store.embed_dim, k, torch.Generator().manual_seed(0))
         with torch.no_grad():
             cluster.centroids.copy_(torch.from_numpy(protos))
     else:
         params = eigen.EigenParams(n_eigen=cfg.eigen_dim, steps=cfg.eigen_steps,
                                    kernel_power=cfg.eigen_kernel_power)
-        x = _kmeans_sample(store, cfg.seed, source)
-        with timed(f"neural eigenfunctions on {source.name}", log), \
+        x = _kmeans_sample(store, seed, source)
+        with timed(f"neural eigenfunctions (seed {seed}) on {source.name}", log), \
                 progress(total=params.steps, desc="neuralef", unit="step") as bar:
-            clusters = eigen.fit_eigen_clusters(x, k, cfg.seed, params,
+            clusters = eigen.fit_eigen_clusters(x, k, seed, params,
                                                 progress=lambda step, loss: bar.update(1))
         cluster = eigen.EigenClusterProbe(clusters)
         info = {"method": "eigen", **clusters.info}
@@ -348,9 +434,11 @@ def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource):
 
 
 def _predict(probes: Probes, code: torch.Tensor, size: tuple[int, int]):
-    """(cosine (B, C, H, W), logits (B, K, H, W)) after upsampling code to `size`."""
+    """([cosine (B, C, H, W) per seed fit], [logits (B, K, H, W) per distinct linear probe])
+    after upsampling code to `size` once."""
     up = Fn.interpolate(code, size=size, mode="bilinear", align_corners=False)
-    return probes.cluster.scores(up), probes.linear.predict_logits(up, size)
+    return ([f.cluster.scores(up) for f in probes.fits],
+            [lin.predict_logits(up, size) for lin in probes.linears])
 
 
 def _show_indices(n: int, n_show: int) -> list[int]:
@@ -360,7 +448,9 @@ def _show_indices(n: int, n_show: int) -> list[int]:
 
 
 def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict[str, Any]:
-    """Stream the val split; returns confusion matrices and the predictions of shown images."""
+    """Stream the val split once for every seed's probes; returns the confusion matrices
+    (`("cluster", fit index, crf)`, `("linear", linear index, crf)`) and the first seed's
+    predictions of the shown images."""
     g = store.split(EVAL_SPLIT)
     if "labels" not in g:
         raise ValueError(f"{store.path}/{EVAL_SPLIT} has no labels; evaluation needs a labelled val split")
@@ -368,11 +458,17 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
     if len(rows) == 0:
         raise ValueError(f"{store.path}/{EVAL_SPLIT} holds no valid images to evaluate")
     k = store.num_classes
-    c = probes.cluster.n_clusters
-    if probes.linear.num_classes != k:
-        raise ValueError(f"linear probe has {probes.linear.num_classes} classes, the cache {k}")
-    conf = {(p, on): Confusion(k, c if p == "cluster" else k)
-            for p in ("cluster", "linear") for on in ((False, True) if cfg.crf else (False,))}
+    linears = probes.linears
+    for lin in linears:
+        if lin.num_classes != k:
+            raise ValueError(f"linear probe has {lin.num_classes} classes, the cache {k}")
+    crf_settings = (False, True) if cfg.crf else (False,)
+    conf = {("cluster", i, on): Confusion(k, f.cluster.n_clusters)
+            for i, f in enumerate(probes.fits) for on in crf_settings}
+    conf.update({("linear", j, on): Confusion(k, k) for j in range(len(linears))
+                 for on in crf_settings})
+    n_cl = len(probes.fits)
+    first_lin = probes.linear_index(probes.fits[0])
     show_at = set(_show_indices(len(rows), cfg.n_show))
     shown: dict[int, dict[str, np.ndarray]] = {}
     key = probes.inputs
@@ -385,13 +481,18 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
     crf_bar = progress(total=len(rows), desc="crf", unit="img", disable=pool is None)
     labels_of: dict[int, np.ndarray] = {}
 
+    def update(gt: np.ndarray, cl: list, li: list, on: bool) -> None:
+        for i, pred in enumerate(cl):
+            conf[("cluster", i, on)].update(gt, pred)
+        for j, pred in enumerate(li):
+            conf[("linear", j, on)].update(gt, pred)
+
     def collect(pos: int) -> None:
-        cl, li = pending.pop(pos).result()
-        gt = labels_of.pop(pos)
-        conf[("cluster", True)].update(gt, cl)
-        conf[("linear", True)].update(gt, li)
+        refined = pending.pop(pos).result()  # cluster maps of every fit, then the linear ones
+        update(labels_of.pop(pos), refined[:n_cl], refined[n_cl:], True)
         if pos in shown:
-            shown[pos]["cluster_crf"], shown[pos]["linear_crf"] = cl, li
+            shown[pos]["cluster_crf"] = refined[0]
+            shown[pos]["linear_crf"] = refined[n_cl + first_lin]
         crf_bar.update(1)
 
     try:
@@ -406,23 +507,23 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
                 rgb = g["rgb"].get_orthogonal_selection((idx, *([slice(None)] * 3)))
                 code = probes.code(batch)
                 for s in range(0, len(idx), per_step):
-                    cos, logits = _predict(probes, code[s:s + per_step], size)
-                    cl_pred = cos.argmax(1).cpu().numpy()
-                    li_pred = logits.argmax(1).cpu().numpy()
+                    cosines, logits = _predict(probes, code[s:s + per_step], size)
+                    cl_pred = [c.argmax(1).cpu().numpy() for c in cosines]
+                    li_pred = [x.argmax(1).cpu().numpy() for x in logits]
                     if pool is not None:
-                        p_cl = cluster_probs(cos.cpu().numpy(), axis=1)
-                        p_li = softmax(logits.cpu().numpy(), axis=1)
-                    for j in range(cl_pred.shape[0]):
+                        p_cl = [cluster_probs(c.cpu().numpy(), axis=1) for c in cosines]
+                        p_li = [softmax(x.cpu().numpy(), axis=1) for x in logits]
+                    for j in range(cl_pred[0].shape[0]):
                         pos = b0 + s + j
                         gt = labels[s + j]
-                        conf[("cluster", False)].update(gt, cl_pred[j])
-                        conf[("linear", False)].update(gt, li_pred[j])
+                        update(gt, [p[j] for p in cl_pred], [p[j] for p in li_pred], False)
                         if pos in show_at:
-                            shown[pos] = {"rgb": rgb[s + j], "gt": gt, "cluster": cl_pred[j],
-                                          "linear": li_pred[j]}
+                            shown[pos] = {"rgb": rgb[s + j], "gt": gt, "cluster": cl_pred[0][j],
+                                          "linear": li_pred[first_lin][j]}
                         if pool is not None:
                             labels_of[pos] = gt
-                            pending[pos] = pool.submit(rgb[s + j], [p_cl[j], p_li[j]])
+                            pending[pos] = pool.submit(rgb[s + j], [p[j] for p in p_cl]
+                                                       + [p[j] for p in p_li])
                             while len(pending) > window:
                                 collect(min(pending))
                 bar.update(len(idx))
@@ -432,11 +533,19 @@ def evaluate_split(cfg: EvalConfig, store: FeatureStore, probes: Probes) -> dict
         crf_bar.close()
         if pool is not None:
             pool.close()
-    if conf[("linear", False)].matrix.sum() == 0:
+    if conf[("linear", 0, False)].matrix.sum() == 0:
         raise ValueError(f"{store.path}/{EVAL_SPLIT} has no labelled pixel (all ignore = -1); "
                          "nothing to evaluate")
     return {"confusion": {k_: v.matrix for k_, v in conf.items()}, "shown": shown,
             "n_images": int(len(rows))}
+
+
+def seed_confusions(confs: dict[tuple, np.ndarray], probes: Probes,
+                    i: int) -> dict[tuple[str, bool], np.ndarray]:
+    """{(probe, crf): matrix} of seed fit `i` (its cluster probe and its linear probe)."""
+    j = probes.linear_index(probes.fits[i])
+    return {(p, on): m for (p, x, on), m in confs.items()
+            if (p == "cluster" and x == i) or (p == "linear" and x == j)}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -548,19 +657,26 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     cfg = _default_checkpoint(cfg)
     probes = _frozen_probes(cfg, store) if cfg.baseline == "frozen" else _trained_probes(cfg, store)
     if cfg.probe != "kmeans":
-        probes.cluster, seed_info = fit_seed_probe(cfg, store, probes.source)
         probes.name = f"{probes.name}-{cfg.probe}"
-        probes.info.update(seed_info)
     name = probes.name
     fitted = cfg.baseline == "frozen" or cfg.probes == "refit"
+    seeds = [f.seed for f in probes.fits]
     log.info("eval %s: %s probes, %d val images, K=%d classes, C=%d clusters, crf=%s, device=%s, "
-             "seed=%d, code %s", name, "fitted" if fitted else "trained", store.n(EVAL_SPLIT),
-             store.num_classes, probes.cluster.n_clusters, cfg.crf, cfg.device, cfg.seed,
-             code_version())
+             "probe seeds %s, code %s", name, "fitted" if fitted else "trained",
+             store.n(EVAL_SPLIT), store.num_classes, probes.fits[0].cluster.n_clusters, cfg.crf,
+             cfg.device, seeds, code_version())
     with timed(f"eval {name}: val pass", log):
         res = evaluate_split(cfg, store, probes)
     confs = res["confusion"]
-    blocks, mappings = metric_blocks(confs, cfg.crf)
+    per_seed = []
+    for i, fit in enumerate(probes.fits):
+        blocks, mappings = metric_blocks(seed_confusions(confs, probes, i), cfg.crf)
+        per_seed.append({"seed": fit.seed, **blocks, "cluster_mapping": mappings})
+    tags = ("no_crf", "crf") if cfg.crf else ("no_crf",)
+    mean = {t: mean_block([r[t] for r in per_seed]) for t in tags}
+    if not cfg.crf:
+        mean["crf"] = None
+    mappings = per_seed[0]["cluster_mapping"]
     report = {
         "name": name,
         "baseline": cfg.baseline,
@@ -569,10 +685,13 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "split": EVAL_SPLIT,
         "n_images": res["n_images"],
         "num_classes": store.num_classes,
-        "n_clusters": int(probes.cluster.n_clusters),
+        "n_clusters": int(probes.fits[0].cluster.n_clusters),
         "class_names": store.class_names,
-        **blocks,
-        "cluster_mapping": mappings,
+        # mean over the probe seeds, `<metric>_std` their sample standard deviation
+        **mean,
+        "n_seeds": len(per_seed),
+        "seeds": per_seed,
+        "cluster_mapping": mappings,  # of the first seed (confusion.png, predictions.png)
         "model": probes.info,
         "features_fingerprint": store.fingerprint,
         "code_version": code_version(),
@@ -580,29 +699,61 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     }
     probes_state = None
     if fitted or cfg.probe != "kmeans":  # keep fitted probes for inspection and reuse
-        probes_state = {
-            "centroids": probes.cluster.centroids.detach().cpu(),
-            "linear_probe": {k: v.cpu() for k, v in probes.linear.state_dict().items()},
-            "cluster_probe": {k: v.cpu() for k, v in probes.cluster.state_dict().items()},
-            "info": probes.info, "seed": cfg.seed}
+        fits = [{"seed": f.seed,
+                 "centroids": f.cluster.centroids.detach().cpu(),
+                 "cluster_probe": {k: v.cpu() for k, v in f.cluster.state_dict().items()},
+                 "linear_probe": {k: v.cpu() for k, v in f.linear.state_dict().items()},
+                 "cluster_mapping": r["cluster_mapping"]}
+                for f, r in zip(probes.fits, per_seed)]
+        probes_state = {**{k: fits[0][k] for k in ("centroids", "linear_probe", "cluster_probe")},
+                        "fits": fits, "info": probes.info, "seed": cfg.seed}
     mapping_arr = {t: np.asarray(v) for t, v in mappings.items()}
-    matched = matched_confusion(confs[("cluster", False)], mapping_arr["no_crf"])
+    first = seed_confusions(confs, probes, 0)
+    matched = matched_confusion(first[("cluster", False)], mapping_arr["no_crf"])
     if not (matched[:, -1] > 0).any():
         matched = matched[:, :-1]
     dest = EvalReport(cfg.out, name).write(
         config={**to_dict(cfg), "name": name},
         metrics=report,
-        confusions={f"{p}_{'crf' if on else 'no_crf'}": m for (p, on), m in confs.items()},
-        confusion_png=confusion_png(matched, confs[("linear", False)], store.class_names),
+        confusions=_confusion_arrays(confs, probes),
+        confusion_png=confusion_png(matched, first[("linear", False)], store.class_names),
         predictions_png=(predictions_png(res["shown"], mapping_arr, store.num_classes, cfg.crf,
                                          store.class_names) if res["shown"] else None),
         probes=probes_state).parent
-    nc = blocks["no_crf"]
-    msg = (f"eval {name}: cluster acc {nc['cluster_acc']:.1f} mIoU {nc['cluster_miou']:.1f} | "
-           f"linear acc {nc['linear_acc']:.1f} mIoU {nc['linear_miou']:.1f}")
-    if cfg.crf:
-        cr = blocks["crf"]
-        msg += (f" | +CRF cluster {cr['cluster_acc']:.1f}/{cr['cluster_miou']:.1f} "
-                f"linear {cr['linear_acc']:.1f}/{cr['linear_miou']:.1f}")
-    log.info("%s -> %s", msg, dest)
+    log.info("eval %s: %s -> %s", name, summary_line(report), dest)
     return report
+
+
+def _confusion_arrays(confs: dict[tuple, np.ndarray], probes: Probes) -> dict[str, np.ndarray]:
+    """confusion.npz: `<probe>_<crf|no_crf>` of the first seed; with several seeds also
+    `cluster_<tag>_seed<s>` per seed and `linear_<tag>_seed<s>` per distinct linear fit (named
+    by the first seed that uses it)."""
+    out: dict[str, np.ndarray] = {}
+    several = len(probes.fits) > 1
+    linear_seed = {}
+    for f in probes.fits:
+        linear_seed.setdefault(probes.linear_index(f), f.seed)
+    for (p, x, on), m in confs.items():
+        tag = "crf" if on else "no_crf"
+        seed = probes.fits[x].seed if p == "cluster" else linear_seed[x]
+        if x == 0 or (p == "linear" and x == probes.linear_index(probes.fits[0])):
+            out[f"{p}_{tag}"] = m
+        if several:
+            out[f"{p}_{tag}_seed{seed}"] = m
+    return out
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """'cluster acc 58.2 ± 0.4 mIoU 27.1 ± 0.9 | linear ...' of a metrics.json report."""
+    n = report.get("n_seeds", 1)
+
+    def part(block: dict[str, Any], probe: str) -> str:
+        return " ".join(f"{label} " + format_mean_std(block[f"{probe}_{m}"],
+                                                      block.get(f"{probe}_{m}_std"), n)
+                        for label, m in (("acc", "acc"), ("mIoU", "miou")))
+
+    nc = report["no_crf"]
+    msg = f"cluster {part(nc, 'cluster')} | linear {part(nc, 'linear')}"
+    if report.get("crf"):
+        msg += f" | +CRF cluster {part(report['crf'], 'cluster')} linear {part(report['crf'], 'linear')}"
+    return msg + (f" (mean ± std over {n} probe seeds)" if n > 1 else "")

@@ -7,17 +7,22 @@ the mined sets are derived from the base `--mined` run with those values changed
 batches, anchors and holdout) and mined first as `<mined>-<label>` when they do not exist yet.
 Nothing here reads the evaluation split.
 
-Writes `<out>/sweep/<sweep>/`: results.json (every run's config and selection records),
-table.md (one row per run: held-out cluster/linear mIoU of the best point and when, the
-last point, the label-free point, rank ratios) and sweep.png (held-out cluster mIoU and
-effective-rank ratio against steps, one line per run).
+`--seeds N` trains every grid point N times (seed i: training seed seed+i on sets mined with
+the base run's seed + i, `<mined>[-<label>]-seed<s>`, mined first when missing), so each
+point's figures are a mean ± std over seeds.
+
+Writes `<out>/sweep/<sweep>/`: results.json (every run's config, seed and selection records),
+table.md (one row per grid point: held-out cluster/linear mIoU of the best point and when, the
+last point, the label-free point, rank ratios; mean ± std over its seeds) and sweep.png
+(held-out cluster mIoU and effective-rank ratio against steps, one line per grid point with a
+± std band over seeds, the frozen reference dashed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.layout import RunLayout
@@ -25,6 +30,8 @@ from pipeline.artifacts.mined import MinedSets
 from pipeline.artifacts.training import TrainRun
 from pipeline.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
 from pipeline.config import SweepConfig, TrainConfig, resolve, to_dict
+from pipeline.plots import sweep_png
+from pipeline.seeds import seed_list, spread
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("ppap.sweep")
@@ -76,28 +83,40 @@ def _parse_fixed(specs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def mined_for(cfg: SweepConfig, mine_values: dict[str, Any]) -> str:
-    """Name of the mined sets for these mining values; mines them from the base run if needed."""
-    if not mine_values:
+def mined_for(cfg: SweepConfig, mine_values: dict[str, Any], offset: int = 0) -> str:
+    """Name of the mined sets for these mining values and seed offset; mines them from the
+    base run (seed + `offset`, everything else as the base) when they do not exist yet."""
+    if not mine_values and not offset:
         return cfg.mined
     from stages import mine as mine_stage
 
     base = MinedSets(cfg.out, cfg.mined)
     if not base.config_path.is_file():
         raise ValueError(f"the base mined sets {base.dir} do not exist; run `ppap-pipe mine --out "
-                         f"{cfg.out} --name {cfg.mined}` first (the grid changes its thresholds)")
-    if base.criterion not in ("ppap", "p0"):
+                         f"{cfg.out} --name {cfg.mined}` first (the grid derives its sets from it)")
+    if mine_values and base.criterion not in ("ppap", "p0"):
         raise ValueError(f"the grid changes mining thresholds, but {cfg.mined!r} was mined with "
                          f"criterion {base.criterion!r}; give a ppap or p0 run as --mined")
-    name = f"{cfg.mined}-{point_label(mine_values)}"
-    mcfg = base.mine_config(**mine_values, name=name, out=cfg.out, device=cfg.device, workers=0,
+    changes = dict(mine_values)
+    name = f"{cfg.mined}-{point_label(mine_values)}" if mine_values else cfg.mined
+    if offset:
+        changes["seed"] = base.mine_config().seed + offset
+        name += f"-seed{changes['seed']}"
+    mcfg = base.mine_config(**changes, name=name, out=cfg.out, device=cfg.device, workers=0,
                             scheduler=None)
     mine_stage.run(mcfg)  # resumable: finished shards are skipped
     return name
 
 
 def run(cfg: SweepConfig) -> dict[str, Any]:
-    """Train every grid point (resuming finished/unfinished runs) and tabulate held-out scores."""
+    """Train every grid point over `cfg.seeds` seeds (resuming finished/unfinished runs) and
+    tabulate held-out scores.
+
+    Seed i (0-based) of a point trains with seed cfg.seed + i on mined sets of mining seed
+    base + i: seed 0 uses the base mined sets (or the point's thresholds mined from them), the
+    others mine `<mined>[-<label>]-seed<s>` first (new batches, anchors and holdout), so the
+    spread covers everything a seed decides.
+    """
     from stages import train as train_stage
 
     grid = parse_sweep(cfg.grid, params=grid_params())
@@ -111,30 +130,51 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
                    **fixed)
     if base.select_every <= 0:
         raise ValueError("select_every=0: a sweep needs selection points; pass --select-every N")
-    log.info("sweep %s: %d runs over %s", cfg.name, len(points),
+    seeds = seed_list(cfg.seed, cfg.seeds)
+    log.info("sweep %s: %d runs (%d points x %d seeds) over %s", cfg.name,
+             len(points) * len(seeds), len(points), len(seeds),
              ", ".join(f"{k}={v}" for k, v in grid.items()))
     results = []
     for i, point in enumerate(points):
         mine_values = {k: v for k, v in point.items() if k in MINE_PARAMS}
         train_values = {k: v for k, v in point.items() if k not in MINE_PARAMS}
-        mined = mined_for(cfg, mine_values)
         label = point_label(point)
-        tcfg = dataclasses.replace(base, mined=mined, name=f"{cfg.name}-{label}", **train_values)
-        log.info("sweep %s: run %d/%d %s", cfg.name, i + 1, len(points), label)
-        summary = train_stage.run(tcfg)
-        records = TrainRun(cfg.out, tcfg.run_name).selection_records()
-        results.append({"label": label, "point": point, "mined": mined, "run": tcfg.run_name,
-                        "config": to_dict(tcfg), "records": records,
-                        "selection": summary.get("selection")})
+        for offset, seed in enumerate(seeds):
+            mined = mined_for(cfg, mine_values, offset)
+            name = f"{cfg.name}-{label}" + (f"-seed{seed}" if offset else "")
+            tcfg = dataclasses.replace(base, mined=mined, name=name, seed=seed, **train_values)
+            log.info("sweep %s: point %d/%d %s, seed %d", cfg.name, i + 1, len(points), label, seed)
+            summary = train_stage.run(tcfg)
+            records = TrainRun(cfg.out, tcfg.run_name).selection_records()
+            results.append({"label": label, "point": point, "seed": seed, "mined": mined,
+                            "run": tcfg.run_name, "config": to_dict(tcfg), "records": records,
+                            "selection": summary.get("selection")})
     dest = RunLayout(cfg.out).sweep(cfg.name)
-    report = {"name": cfg.name, "grid": grid, "fixed": fixed, "base": to_dict(base),
-              "runs": results}
+    report = {"name": cfg.name, "grid": grid, "fixed": fixed, "seeds": seeds,
+              "base": to_dict(base), "runs": results}
     atomic_write_json(dest / "results.json", report)
     table = format_table(results, list(grid))
     atomic_write_bytes(dest / "table.md", (table + "\n").encode())
-    plot_sweep(results, dest / "sweep.png")
+    atomic_write_bytes(dest / "sweep.png", sweep_png(_groups(results), sweep_title(cfg, base, grid)))
     log.info("sweep %s: wrote %s\n%s", cfg.name, dest, table)
     return report
+
+
+def sweep_title(cfg: SweepConfig, base: TrainConfig, grid: dict[str, list]) -> str:
+    """What sweep.png shows: the sweep, its base mined sets, the grid and the fixed recipe."""
+    fixed = {k: getattr(base, k) for k in ("lr", "tau", "epochs") if k not in grid}
+    return (f"sweep/{cfg.name} on mine/{cfg.mined}: grid "
+            + ", ".join(f"{k}={','.join(_fmt(v) for v in vs)}" for k, vs in grid.items())
+            + "; " + ", ".join(f"{k} {_fmt(v)}" for k, v in fixed.items())
+            + f"; seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1} (held-out training images)")
+
+
+def _groups(results: list[dict[str, Any]]) -> list[tuple[str, list[list[dict[str, Any]]]]]:
+    """(label, [records of each seed's run]) per grid point, in grid order."""
+    out: dict[str, list[list[dict[str, Any]]]] = {}
+    for res in results:
+        out.setdefault(res["label"], []).append(res["records"])
+    return list(out.items())
 
 
 def summarise_run(records: list[dict[str, Any]], rank_floor: float) -> dict[str, Any]:
@@ -151,58 +191,41 @@ def summarise_run(records: list[dict[str, Any]], rank_floor: float) -> dict[str,
 
 
 def format_table(results: list[dict[str, Any]], names: list[str]) -> str:
-    """Markdown: one row per run, plus the frozen reference (step 0 of the first run)."""
-    cols = names + ["best cluster mIoU (step)", "linear mIoU @best", "rank ratio @best",
-                    "last cluster mIoU", "last rank ratio", "label-free step", "cluster mIoU @label-free"]
+    """Markdown: one row per grid point, each figure the mean ± std over its seeds' runs (the
+    steps of best / label-free points listed per seed), plus the frozen reference (step 0)."""
+    cols = names + ["seeds", "best cluster mIoU (steps)", "linear mIoU @best", "rank ratio @best",
+                    "last cluster mIoU", "last rank ratio", "label-free steps",
+                    "cluster mIoU @label-free"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def num(r: dict[str, Any] | None, k: str, fmt: str = "{:.1f}") -> str:
-        v = None if r is None else r.get(k)
-        return "—" if v is None else fmt.format(v)
-
-    frozen = None
+    groups: dict[str, list[dict[str, Any]]] = {}
     for res in results:
-        s = summarise_run(res["records"], res["config"].get("rank_floor", 0.9))
-        if not s:
-            lines.append("| " + " | ".join([_fmt(res["point"][n]) for n in names] + ["—"] * 7) + " |")
+        groups.setdefault(res["label"], []).append(res)
+    frozen: list[dict[str, Any]] = []
+    for runs in groups.values():
+        point = runs[0]["point"]
+        summ = [summarise_run(r["records"], r["config"].get("rank_floor", 0.9)) for r in runs]
+        summ = [x for x in summ if x]
+        head = [_fmt(point[n]) for n in names]
+        if not summ:
+            lines.append("| " + " | ".join(head + [str(len(runs))] + ["—"] * 7) + " |")
             continue
-        frozen = frozen or s["frozen"]
-        b, last, lf = s["best"], s["last"], s["labelfree"]
-        row = [_fmt(res["point"][n]) for n in names] + [
-            f"{num(b, 'cluster_miou')} ({b['step']})", num(b, "linear_miou"),
-            num(b, "erank_ratio", "{:.2f}"), num(last, "cluster_miou"),
-            num(last, "erank_ratio", "{:.2f}"), str(lf["step"]), num(lf, "cluster_miou")]
+        frozen += [x["frozen"] for x in summ]
+
+        def cell(which: str, key: str, spec: str = ".1f") -> str:
+            return spread(x[which].get(key) for x in summ).format(spec)
+
+        steps = ",".join(str(x["best"]["step"]) for x in summ)
+        lf_steps = ",".join(str(x["labelfree"]["step"]) for x in summ)
+        row = head + [str(len(summ)), f"{cell('best', 'cluster_miou')} ({steps})",
+                      cell("best", "linear_miou"), cell("best", "erank_ratio", ".2f"),
+                      cell("last", "cluster_miou"), cell("last", "erank_ratio", ".2f"),
+                      lf_steps, cell("labelfree", "cluster_miou")]
         lines.append("| " + " | ".join(row) + " |")
-    if frozen is not None:
+    if frozen:
+        # the frozen features differ between seeds only through their held-out images
+        by_seed = {json.dumps(f, sort_keys=True): f for f in frozen}
+        fz = list(by_seed.values())
         lines.append("| " + " | ".join(["frozen"] + [""] * (len(names) - 1) + [
-            f"{num(frozen, 'cluster_miou')} (0)", num(frozen, "linear_miou"), "1.00",
-            "", "", "", ""]) + " |")
+            str(len(fz)), f"{spread(f.get('cluster_miou') for f in fz).format()} (0)",
+            spread(f.get("linear_miou") for f in fz).format(), "1.00", "", "", "", ""]) + " |")
     return "\n".join(lines)
-
-
-def plot_sweep(results: list[dict[str, Any]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    for res in results:
-        recs = res["records"]
-        if not recs:
-            continue
-        steps = [r["step"] for r in recs]
-        key = "cluster_miou" if "cluster_miou" in recs[0] else "erank"
-        ax1.plot(steps, [r.get(key) for r in recs], marker=".", label=res["label"])
-        ax2.plot(steps, [r.get("erank_ratio") for r in recs], marker=".", label=res["label"])
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("held-out cluster mIoU (patch level)")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("held-out effective rank / frozen")
-    ax2.legend(fontsize=6, ncol=2)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path

@@ -33,6 +33,7 @@ from pipeline.executor import StageInterrupted, progress, timed
 from pipeline.integrity import NonFinite, releases_locks
 from pipeline.loss import ppap_loss
 from pipeline.model import CKPT_FORMAT, build_model
+from pipeline.plots import curve_png
 from pipeline.probes import code_stats, spherical_kmeans
 from pipeline.shards import recover_sets
 from pipeline.selection import Holdout, best_choice, labelfree_choice
@@ -45,7 +46,11 @@ _NOT_IDENTITY = ("out", "name", "max_steps", "ckpt_every", "anchor_chunk", "devi
                  "collapse_ratio")
 CLUSTER_INIT_ROWS = 50_000  # patches for the k-means initialisation of the cluster probe
 _TAG_CLUSTER_INIT = 0x434C4900  # "CLI": sampling stream of that initialisation
-_SELECT_KEYS = ("cluster_miou", "linear_miou", "erank", "top3_share", "mean_cos", "train_loss")
+_SELECT_KEYS = ("cluster_miou", "cluster_miou_std", "linear_miou", "erank", "top3_share",
+                "mean_cos", "train_loss")
+# Settings added after runs were made, with the value those runs had: a setting at that value
+# stays out of the identity, so such runs still resume (and are refused at any other value).
+_LEGACY_IDENTITY = {"select_seeds": 1}
 
 # Max relative L2 error and min cosine between cached feats and the branch's initial code.
 # fp16 storage of tokens and feats gives ~3e-4 (DINOv2 ViT-S on CamVid, tiny random ViT);
@@ -191,7 +196,7 @@ def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: in
 
 
 def _frozen_scores(run: TrainRun, store: FeatureStore, holdout: Holdout, branch,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, seeds: int) -> dict[str, Any]:
     """Step-0 held-out scores: the branch equals the frozen features there, so every run on the
     same cache, holdout and seed gets the same record; it is computed once and kept beside the
     runs (TrainRun.frozen_scores, a pure cache)."""
@@ -203,12 +208,20 @@ def _frozen_scores(run: TrainRun, store: FeatureStore, holdout: Holdout, branch,
         "features": store.fingerprint, "seed": seed, "code": code_version(),
         "crops": hashlib.sha256(np.ascontiguousarray(holdout.crops, "<i8").tobytes()).hexdigest(),
         "probes": [LINEAR_L2, LINEAR_TOL, LINEAR_MAX_ITER, KMEANS_NITER, KMEANS_NREDO],
+        **({"kmeans_seeds": seeds} if seeds != 1 else {}),
     }, sort_keys=True).encode()).hexdigest()[:16]
     scores = run.frozen_scores(key)
     if scores is None:
-        scores = holdout.score(branch, seed)
+        scores = holdout.score(branch, seed, seeds)
         run.save_frozen_scores(key, scores)
     return scores
+
+
+def curve_title(cfg: TrainConfig) -> str:
+    """What a run's curve.png shows: the run, its mined sets and the recipe."""
+    return (f"train/{cfg.run_name} on mine/{cfg.mined}: {cfg.optimizer} lr {cfg.lr:g}, "
+            f"wd {cfg.weight_decay:g}, τ {cfg.tau:g}, {cfg.epochs} epochs, seed {cfg.seed}; "
+            f"held-out training images, {cfg.select_seeds} k-means seed(s) per point")
 
 
 @releases_locks
@@ -267,7 +280,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                      select_metric)
 
     cfg_dict = to_dict(cfg)
-    identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY}
+    identity = {k: v for k, v in cfg_dict.items() if k not in _NOT_IDENTITY
+                and not (k in _LEGACY_IDENTITY and v == _LEGACY_IDENTITY[k])}
     identity.update(features_fingerprint=store.fingerprint, mined_fingerprint=mined.fingerprint,
                     mined_plans=[len(p) for p in plans], holdout=mined.holdout)
     run.begin(identity, cfg_dict)
@@ -331,8 +345,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if holdout is None or (records and records[-1]["step"] == step):
             return
         t0 = time.perf_counter()
-        scores = (_frozen_scores(run, store, holdout, branch, cfg.seed) if step == 0
-                  else holdout.score(branch, cfg.seed))
+        scores = (_frozen_scores(run, store, holdout, branch, cfg.seed, cfg.select_seeds)
+                  if step == 0 else holdout.score(branch, cfg.seed, cfg.select_seeds))
         rec = {"step": step, "epoch": epoch, "batch": batch, **scores,
                "train_loss": (round(float(np.mean(recent_losses)), 5) if recent_losses else None)}
         rec["erank_ratio"] = round(rec["erank"] / records[0]["erank"], 4) if records else 1.0
@@ -357,6 +371,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             save("labelfree", finished_now,
                  {**rec, **where, "metric": "labelfree", "rank_floor": cfg.rank_floor})
         run.append_selection(rec)
+        run.write_curve(curve_png(records, curve_title(cfg), cfg.rank_floor))
         shown = {k: rec[k] for k in ("cluster_miou", "linear_miou", "erank") if k in rec}
         log.info("train: held-out at step %d: %s%s", step,
                  " ".join(f"{k} {v:.2f}" for k, v in shown.items()),

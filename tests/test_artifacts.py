@@ -144,8 +144,11 @@ def test_readers_give_back_what_the_stages_wrote(run_dir):
 
     report = EvalReport(run_dir, "ppap-best")
     assert report.metrics()["name"] == "ppap-best"
-    assert set(report.confusions()) == {"cluster_no_crf", "linear_no_crf"}
+    n = report.metrics()["n_seeds"]
+    assert n == 3 and set(report.confusions()) == {"cluster_no_crf", "linear_no_crf"} | {
+        f"cluster_no_crf_seed{s}" for s in range(n)} | {"linear_no_crf_seed0"}
     assert report.probes()["centroids"].shape[0] == store.num_classes
+    assert [f["seed"] for f in report.probes()["fits"]] == list(range(n))
 
 
 def test_mined_sets_refuse_missing_and_foreign_runs(run_dir, tmp_path):

@@ -110,7 +110,8 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
     assert on_disk["class_names"] == ["red", "green", "blue"]
     for tag in ("no_crf", "crf"):
         block = on_disk[tag]
-        assert set(block) == {"cluster_acc", "cluster_miou", "linear_acc", "linear_miou", "per_class_iou"}
+        metrics = {"cluster_acc", "cluster_miou", "linear_acc", "linear_miou", "per_class_iou"}
+        assert set(block) == metrics | {f"{m}_std" for m in metrics}  # mean over 3 probe seeds
         assert set(block["per_class_iou"]) == {"cluster", "linear"}
         assert all(len(v) == K for v in block["per_class_iou"].values())
         # separable classes: both probes get (nearly) everything right
@@ -120,11 +121,19 @@ def test_frozen_baseline_outputs_and_quality(store_dir, frozen_report):
     val_labels, valid = labels["val"]
     n_valid_px = int(((val_labels >= 0) & (val_labels < K))[valid > 0].sum())
     confs = np.load(dest / "confusion.npz")
-    assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"}
+    # the first seed under the plain names, then one per k-means seed; the linear probe is one
+    # fit (every seed's subsample is the whole training split)
+    assert set(confs.files) == {"cluster_no_crf", "cluster_crf", "linear_no_crf", "linear_crf"} | {
+        f"cluster_{t}_seed{s}" for t in ("no_crf", "crf") for s in (0, 1, 2)} | {
+        "linear_no_crf_seed0", "linear_crf_seed0"}
     for name in confs.files:
         assert confs[name].shape == (K, K) and confs[name].sum() == n_valid_px
-    s, _ = cluster_scores(confs["cluster_no_crf"])
-    assert s.accuracy == pytest.approx(on_disk["no_crf"]["cluster_acc"])
+    assert on_disk["n_seeds"] == 3 and [r["seed"] for r in on_disk["seeds"]] == [0, 1, 2]
+    for r in on_disk["seeds"]:
+        s, _ = cluster_scores(confs[f"cluster_no_crf_seed{r['seed']}"])
+        assert s.accuracy == pytest.approx(r["no_crf"]["cluster_acc"])
+    assert on_disk["no_crf"]["cluster_acc"] == pytest.approx(
+        np.mean([r["no_crf"]["cluster_acc"] for r in on_disk["seeds"]]))
     # images and config
     for png in ("confusion.png", "predictions.png"):
         with Image.open(dest / png) as im:
@@ -364,3 +373,48 @@ def test_seed_probe_on_a_trained_run_keeps_its_linear_probe(store_dir):
     assert rep["no_crf"]["linear_acc"] == plain["no_crf"]["linear_acc"] < 80
     with pytest.raises(ValueError, match="probe='nope'"):
         EvalConfig(probe="nope")
+
+
+def test_probe_seeds_are_reported_one_by_one_and_as_mean_and_std(store_dir, frozen_report):
+    """--seeds N: N k-means fits (seeds seed..seed+N-1), every one reported; the top-level blocks
+    are their mean and sample std; a shared linear fit has std 0; seed 0 of a 3-seed report is
+    exactly the 1-seed report."""
+    out, _ = store_dir
+    seeds = frozen_report["seeds"]
+    assert frozen_report["n_seeds"] == len(seeds) == 3
+    assert [r["seed"] for r in seeds] == [0, 1, 2] == frozen_report["model"]["probe_seeds"]
+    for tag in ("no_crf", "crf"):
+        vals = [r[tag]["cluster_miou"] for r in seeds]
+        assert frozen_report[tag]["cluster_miou"] == pytest.approx(np.mean(vals))
+        assert frozen_report[tag]["cluster_miou_std"] == pytest.approx(np.std(vals, ddof=1))
+        # one linear fit serves every seed (the whole training split is its subsample)
+        assert len({r[tag]["linear_miou"] for r in seeds}) == 1
+        assert frozen_report[tag]["linear_miou_std"] == 0.0
+        per_class = np.array([r[tag]["per_class_iou"]["cluster"] for r in seeds], dtype=float)
+        np.testing.assert_allclose(frozen_report[tag]["per_class_iou"]["cluster"], per_class.mean(0))
+    assert frozen_report["model"]["linear_fits"] == 1
+    assert len({f["kmeans_rows"] for f in frozen_report["model"]["fits"]}) == 1
+    # the same cache, one seed: its blocks are seed 0's, with zero std
+    single = _single_seed_report(out)
+    assert single["n_seeds"] == 1 and [r["seed"] for r in single["seeds"]] == [0]
+    for tag in ("no_crf", "crf"):
+        for key in ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou"):
+            assert single[tag][key] == pytest.approx(seeds[0][tag][key])
+            assert single[tag][f"{key}_std"] == 0.0
+    with pytest.raises(ValueError, match="seeds=0"):
+        EvalConfig(out=str(out), baseline="frozen", seeds=0)
+
+
+def _single_seed_report(out: Path) -> dict:
+    """The frozen baseline with one probe seed, written to a copy of the run directory."""
+    import shutil
+
+    copy = out.parent / f"{out.name}-one-seed"
+    if not copy.exists():
+        shutil.copytree(out / "features.zarr", copy / "features.zarr")
+        for f in out.glob("features_*.json"):
+            shutil.copy(f, copy / f.name)
+        if (out / "markers").exists():
+            shutil.copytree(out / "markers", copy / "markers")
+    return evaluate.run(EvalConfig(out=str(copy), baseline="frozen", crf=True, crf_workers=1,
+                                   n_show=0, seeds=1))

@@ -164,6 +164,69 @@ def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):
     assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
 
 
+
+
+def test_held_out_cluster_score_is_the_mean_over_kmeans_seeds(cache, mined):
+    """Every selection point scores the held-out code with select_seeds k-means seeds; the
+    record keeps each seed's value, their mean (what best.pt maximises) and std; curve.png is
+    drawn; a run made before select_seeds existed (one seed) still resumes."""
+    from pipeline.artifacts.training import TrainRun
+
+    recs = _records(cache / "train" / "sel")  # the default: 3 seeds
+    for r in recs:
+        assert len(r["cluster_miou_seeds"]) == 3
+        assert r["cluster_miou"] == pytest.approx(np.mean(r["cluster_miou_seeds"]), abs=1e-3)
+        assert r["cluster_miou_std"] == pytest.approx(np.std(r["cluster_miou_seeds"], ddof=1), abs=1e-3)
+    assert (cache / "train" / "sel" / "curve.png").stat().st_size > 1000
+    base = dict(out=str(cache), mined="ppap", name="oneseed", epochs=1, tau=0.2, lr=1e-4,
+                select_every=2, seed=0)
+    train.run(TrainConfig(**base, select_seeds=1))
+    one = _records(cache / "train" / "oneseed")
+    assert all("cluster_miou_seeds" not in r for r in one)
+    # one seed is the former behaviour: not part of the run's identity, so older runs resume
+    manifest = json.loads(TrainRun(cache, "oneseed").manifest_path.read_text())
+    assert "select_seeds" not in manifest["identity"]
+    with pytest.raises(ValueError, match="select_seeds"):
+        train.run(TrainConfig(**base, select_seeds=3))
+    with pytest.raises(ValueError, match="select_seeds=0"):
+        TrainConfig(**base, select_seeds=0)
+
+
+def test_sweep_train_seeds_repeat_every_point_with_new_batches(cache, mined):
+    from typer.testing import CliRunner
+
+    from stages import cli
+
+    args = ["sweep-train", "--out", str(cache), "--mined", "ppap", "--name", "sd",
+            "--grid", "tau=0.1,0.5", "--max-steps", "2", "--select-every", "1", "--seeds", "2",
+            "--seed", "4"]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    dest = cache / "sweep" / "sd"
+    report = json.loads((dest / "results.json").read_text())
+    assert report["seeds"] == [4, 5]
+    runs = report["runs"]
+    assert [(r["label"], r["seed"], r["run"], r["mined"]) for r in runs] == [
+        ("tau0.1", 4, "sd-tau0.1", "ppap"), ("tau0.1", 5, "sd-tau0.1-seed5", "ppap-seed4"),
+        ("tau0.5", 4, "sd-tau0.5", "ppap"), ("tau0.5", 5, "sd-tau0.5-seed5", "ppap-seed4")]
+    assert [r["config"]["seed"] for r in runs] == [4, 5, 4, 5]
+    # the second seed's sets: the base sets' settings with the mining seed one higher (3 -> 4)
+    base = json.loads((mined / "config.json").read_text())
+    other = json.loads((cache / "mine" / "ppap-seed4" / "config.json").read_text())
+    assert other["seed"] == base["seed"] + 1
+    assert {k: v for k, v in other.items() if k not in ("seed", "name")} == {
+        k: v for k, v in base.items() if k not in ("seed", "name")}
+    # one table row per grid point, its figures over 2 seeds
+    table = (dest / "table.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| 0.1 ") or line.startswith("| 0.5 ")]
+    assert len(rows) == 2 and all(r.split(" | ")[1] == "2" for r in rows)
+    assert all("±" in r for r in rows)
+    assert (dest / "sweep.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="seeds=0"):
+        from pipeline.config import SweepConfig
+        SweepConfig(grid=("tau=0.1",), seeds=0)
+
+
 @pytest.mark.parametrize("preset", ["camvid", "demo"])
 def test_preset_recipe_lowers_the_loss_without_collapsing_rank(cache, mined, preset):
     """The training settings the presets ship (chosen by the held-out sweep) on a small cache:

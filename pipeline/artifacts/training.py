@@ -8,6 +8,8 @@
     metrics.jsonl      one line per step
     selection.jsonl    one line per selection point on the held-out training images
     selection.json     best / label-free / frozen points of the finished run
+    curve.png          held-out cluster / linear mIoU and effective rank against the step,
+                       redrawn at every selection point (pipeline.plots.curve_png)
 and `<out>/train/.frozen-holdout/<key>.json`: step-0 held-out scores shared by every run on the
 same cache, holdout and seed (a pure cache; delete it freely).
 
@@ -43,7 +45,7 @@ from pipeline.config import CHECKPOINTS
 from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
                                 read_checked, write_checked)
 from pipeline.model import CKPT_FORMAT, TrainedModel, modules_from_checkpoint
-from pipeline.store import atomic_write_json, check_or_write_manifest, read_json
+from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, read_json
 
 log = logging.getLogger("ppap.train")
 
@@ -139,6 +141,13 @@ class TrainRun(NamedRunDir):
     @property
     def selection_path(self) -> Path:
         return self.dir / "selection.json"
+
+    @property
+    def curve_path(self) -> Path:
+        return self.dir / "curve.png"
+
+    def write_curve(self, png: bytes) -> None:
+        atomic_write_bytes(self.curve_path, png)
 
     def checkpoint(self, kind: str = "last") -> Checkpoint:
         if kind not in CHECKPOINTS:
