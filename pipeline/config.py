@@ -267,6 +267,13 @@ class MineConfig:
     eigen_steps: int = option(1500, "NeuralEF training steps of the eigen criterion (1500).")
     eigen_kernel_power: float = option(1.0, "Eigen kernel affinity max(0, cos)^p (1 = Deng et al.; "
                                        "DINOv2 presets: 4).")
+    # label-free thresholds for a new backbone (pipeline/thresholds.py, docs/method.md §9.4)
+    calibrate: bool = option(False, "Set phi0/psi0 from quantiles of the first batch's cosines "
+                             "(--calibrate-pos / --calibrate-amb), no labels used.")
+    calibrate_pos: float = option(0.99, "--calibrate: phi0 = this quantile of the cosines (0.99).")
+    calibrate_amb: float = option(0.75, "--calibrate: psi0 = this quantile of the cosines (0.75).")
+    force: bool = option(False, "Mine even when phi0 makes more than 25% of a batch positive for "
+                         "a typical anchor (thresholds of another backbone).")
     backend: str = option("faiss", "faiss or torch.")
     device: str = option("cpu", DEVICE_HELP)
     workers: int = option(0, WORKERS_HELP)
@@ -295,6 +302,9 @@ class MineConfig:
                              "images kept out of mining for selection (0 = none)")
         if self.backend not in ("faiss", "torch"):
             raise ValueError(f"backend={self.backend!r}: choose 'faiss' or 'torch'")
+        if not 0.0 < self.calibrate_amb < self.calibrate_pos < 1.0:
+            raise ValueError(f"calibrate_amb={self.calibrate_amb} and calibrate_pos="
+                             f"{self.calibrate_pos} must satisfy 0 < amb < pos < 1")
         if not (0 < self.band < 0.01):
             raise ValueError(f"band={self.band} must lie in (0, 0.01)")
         _check_device(self.device)
@@ -534,6 +544,44 @@ class ShowConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """`predict`: label a folder of new images with a trained run."""
+
+    # the run directory, as --out is for every other stage; --out here is the destination
+    out: str = option("data_cache/demo", "Run directory holding the training run (default "
+                      "data_cache/<preset or demo>).", flags=("--run-dir",))
+    trained: str = option("ppap", "Training run (name under the run directory's train/).")
+    checkpoint: str = option("best", "best, last or labelfree (best falls back to last for a run "
+                             "that never selected).")
+    images: str | None = option(None, "Folder of images to label (jpg/png/..., subfolders kept).")
+    dest: str | None = option(None, "Output folder for the label, colour and overlay images.",
+                              flags=("--out", "--dest"))
+    probe: str = option("auto", "fitted: the k-means probe + matching saved by `eval` for this "
+                        "checkpoint (class ids); trained: the run's own cluster probe (cluster "
+                        "ids); auto: fitted when eval saved one, else trained.")
+    head: str = option("cluster", "cluster or linear (the linear probe: class ids).")
+    crf: bool = option(False, "Refine with the dense CRF (docs/method.md §6.4).")
+    max_side: int = option(1280, "Longest side of the working size (px); the shorter side is the "
+                           "cache's evaluation side.")
+    device: str = option("cpu", DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ValueError("images=None: give --images DIR, the folder of images to label")
+        if not self.dest:
+            raise ValueError("dest=None: give --out DIR, the folder to write the labels to")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
+        if self.probe not in ("auto", "fitted", "trained"):
+            raise ValueError(f"probe={self.probe!r}: choose auto, fitted or trained")
+        if self.head not in ("cluster", "linear"):
+            raise ValueError(f"head={self.head!r}: choose cluster or linear")
+        if self.max_side < 32:
+            raise ValueError(f"max_side={self.max_side} must be at least 32 pixels")
+        _check_device(self.device)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """`export`: one mined batch as .npz (features, anchors, CSR positive/ambiguous sets, proxies)."""
 
@@ -554,6 +602,7 @@ STAGE_CONFIGS = {
     "export": ExportConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "predict": PredictConfig,
     "audit": AuditConfig,
     "show": ShowConfig,
     "sweep-train": SweepConfig,

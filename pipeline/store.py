@@ -23,6 +23,14 @@ class ManifestMismatch(ValueError):
     """A run directory holds results made from other inputs or settings."""
 
 
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0666 less the umask (0644
+    under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then os.replace.
 
@@ -35,6 +43,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, file_mode())  # mkstemp makes 0600; outputs are shared like any file
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                              "scores; never reads the evaluation split."),
     "eval": ("evaluate", "Stage 4: Hungarian-matched cluster and linear-probe metrics, with and "
                          "without CRF."),
+    "predict": ("predict", "Segment a folder of new images with a trained run: label, colour "
+                           "and overlay images per image (resumable)."),
     "audit": ("audit", "Precision of mined sets against ground truth, side by side (paper Table 6, "
                        "Fig. 1b)."),
     "show": ("show", "Render anchors with their positive and ambiguous patches on every image of "

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import batching, eigen, mining, primaps
+from pipeline import batching, eigen, mining, primaps, thresholds
 from pipeline.artifacts.features import FeatureStore, normalise
 from pipeline.artifacts.mined import MinedSets, MiningPlan
 from pipeline.config import MineConfig, to_dict
@@ -185,6 +185,30 @@ def process_batch(unit: tuple[int, int], cfg: MineConfig) -> dict[str, Any]:
     return sets.write_shard(plan, batch, mined, images, cfg.criterion, meta={"grid": [h, w]})
 
 
+def _checked_thresholds(cfg: MineConfig, store: FeatureStore, plan: MiningPlan) -> MineConfig:
+    """--calibrate: Φ0/Ψ0 from the first batch's cosines; then refuse (without --force) or warn
+    about thresholds that make a large share of a batch positive (pipeline.thresholds)."""
+    if cfg.criterion not in ("ppap", "p0"):
+        return cfg
+    s = thresholds.similarity_sample(store.mining_features(plan.batch_images(0, 0)), cfg.seed)
+    if cfg.calibrate:
+        phi0, psi0 = thresholds.calibrate(s, cfg.calibrate_pos, cfg.calibrate_amb)
+        log.info("mine %s: calibrated on batch 0 of plan 0 (label-free): phi0 = %.2f (quantile "
+                 "%g of the cosines), psi0 = %.2f (quantile %g)", cfg.run_name, phi0,
+                 cfg.calibrate_pos, psi0, cfg.calibrate_amb)
+        cfg = dataclasses.replace(cfg, phi0=phi0, psi0=psi0)
+    check = thresholds.threshold_check(s, cfg.phi0, cfg.psi0)
+    backbone = store.manifest.get("backbone", "the backbone")
+    fix = ("use the thresholds of a preset for this backbone (--preset camvid: 0.95/0.70 for "
+           "DINOv2), --calibrate (label-free, from this batch's cosines), or choose them with "
+           "`ppap-pipe audit --sweep phi0=...` on labelled crops")
+    if check.verdict == "refuse" and not cfg.force:
+        raise ValueError(f"{check.message(backbone)}; {fix}; or pass --force to mine anyway")
+    if check.verdict != "ok":
+        log.warning("mine %s: %s; %s", cfg.run_name, check.message(backbone), fix)
+    return cfg
+
+
 @releases_locks
 def run(cfg: MineConfig) -> dict[str, Any]:
     """Mine every (plan, batch) of `cfg.plans` batch plans; resumable; refuses to mix."""
@@ -200,6 +224,7 @@ def run(cfg: MineConfig) -> dict[str, Any]:
             f"batch_size={cfg.batch_size} is larger than the {len(plan.items)} training crops "
             f"left to mine in {store.path} (holdout={cfg.holdout}); use --batch-size "
             f"{len(plan.items)} or less")
+    cfg = _checked_thresholds(cfg, store, plan)
     log.info("mine %s: criterion=%s plans=%d batch=%d anchors/img=%s backend=%s device=%s seed=%d "
              "holdout=%s (%d crops kept out for selection)", cfg.run_name, cfg.criterion,
              cfg.plans, cfg.batch_size, cfg.anchors_per_image, cfg.backend, cfg.device, cfg.seed,

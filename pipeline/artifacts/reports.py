@@ -82,6 +82,18 @@ class EvalReport(NamedRunDir):
             raise ValueError(f"{self.dir} has no probes.pt (only fitted probes are saved)")
         return torch.load(self.probes_path, weights_only=True)
 
+    def fitted_probes(self) -> dict[str, Any]:
+        """The first probe seed's fitted probes for reuse (`predict`): `centroids`,
+        `cluster_probe`, `linear_probe` and `cluster_mapping` ({no_crf, crf}: cluster id ->
+        class id, -1 unmatched). Reports of earlier versions (no `fits`) take the mapping from
+        metrics.json."""
+        saved = self.probes()
+        fits = saved.get("fits")
+        if fits:
+            return fits[0]
+        return {**{k: saved[k] for k in ("centroids", "cluster_probe", "linear_probe")},
+                "cluster_mapping": self.metrics()["cluster_mapping"]}
+
     def confusions(self) -> dict[str, np.ndarray]:
         with np.load(self.dir / "confusion.npz") as z:
             return {k: z[k] for k in z.files}
