@@ -54,7 +54,7 @@ def test_version_needs_no_command():
 
 def test_every_stage_config_is_a_command():
     assert list(cli.COMMANDS) == ["features", "mine", "export", "train", "sweep-train", "eval",
-                                  "audit", "show"]
+                                  "predict", "audit", "show"]
     assert set(cli.COMMANDS) == set(STAGE_CONFIGS)
 
 

@@ -22,6 +22,17 @@ CAMVID = Path(__file__).resolve().parents[2] / "shared" / "camvid"
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
+    """Real pretrained weights (DINOv2 ViT-S/14 shipped offline) on a few small pictures."""
+    root = make_folder(tmp_path_factory.mktemp("data"), n=6, size=(64, 80))
+    out = tmp_path_factory.mktemp("run")
+    features.run(FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
+                                backbone="dinov2_vits14_offline", train_size=56, eval_size=56,
+                                splits=("train",), chunk_size=3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_cache(tmp_path_factory) -> Path:
     root = make_folder(tmp_path_factory.mktemp("data"), n=6, size=(64, 80))
     out = tmp_path_factory.mktemp("run")
     features.run(FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
@@ -62,17 +73,27 @@ def test_thresholds_that_make_most_of_a_batch_positive_are_refused(cache, caplog
     assert "another backbone" not in caplog.text
 
 
-def test_calibrate_takes_the_quantiles_of_the_first_batch(cache):
-    s = _cosines(cache)
-    summary = mine.run(_cfg(cache, calibrate=True, name="cal", calibrate_pos=0.98, calibrate_amb=0.6))
-    cfg = json.loads((cache / "mine" / "cal" / "config.json").read_text())
+def test_random_weight_features_are_warned_about_not_refused(random_cache, caplog):
+    """Random weights (tests, smoke runs) have no threshold convention: loose thresholds there
+    are mined, with the warning."""
+    s = _cosines(random_cache)
+    loose = float(np.round(np.quantile(s, 0.4), 2))
+    with caplog.at_level(logging.WARNING, logger="ppap.mine"):
+        summary = mine.run(_cfg(random_cache, phi0=loose, psi0=loose - 0.2, name="loose"))
+    assert "look made for another backbone" in caplog.text and summary["mean_pos"] > 0
+
+
+def test_calibrate_takes_the_quantiles_of_the_first_batch(random_cache):
+    s = _cosines(random_cache)
+    summary = mine.run(_cfg(random_cache, calibrate=True, name="cal", calibrate_pos=0.98, calibrate_amb=0.6))
+    cfg = json.loads((random_cache / "mine" / "cal" / "config.json").read_text())
     assert cfg["phi0"] == round(float(np.quantile(s, 0.98)), 2)
     assert cfg["psi0"] == round(float(np.quantile(s, 0.6)), 2)
     assert cfg["calibrate"] is True and summary["mean_pos"] > 0
     # a rerun calibrates to the same values: nothing redone, nothing refused
-    mine.run(_cfg(cache, calibrate=True, name="cal", calibrate_pos=0.98, calibrate_amb=0.6))
+    mine.run(_cfg(random_cache, calibrate=True, name="cal", calibrate_pos=0.98, calibrate_amb=0.6))
     with pytest.raises(ValueError, match="calibrate_amb"):
-        _cfg(cache, calibrate=True, calibrate_pos=0.5, calibrate_amb=0.6)
+        _cfg(random_cache, calibrate=True, calibrate_pos=0.5, calibrate_amb=0.6)
     with pytest.raises(ValueError, match="too uniform"):
         thresholds.calibrate(np.ones((4, 4)))
 
