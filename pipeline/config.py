@@ -335,7 +335,8 @@ class TrainConfig:
     grad_clip: float = option(10.0, "Gradient-norm clip.")
     # the result is unchanged
     anchor_chunk: int = option(1024, "Anchors per loss chunk (memory only).")
-    n_clusters: int | None = option(None, "Cluster-probe size (default: the number of classes).")
+    n_clusters: int | None = option(None, "Cluster-probe size (default: the number of classes; "
+                                    "27 for an unlabelled folder).")
     seed: int = option(0, SEED_HELP)
     device: str = option("cpu", DEVICE_HELP)
     amp: bool = option(True, "Autocast on CUDA (never on CPU).")

@@ -31,6 +31,8 @@ from torch import nn
 log = logging.getLogger("ppap.model")
 
 CKPT_FORMAT = "ppap-train/1"
+# cluster-probe size when the cache has no labels to count classes from (COCO-Stuff-27's K)
+UNLABELLED_CLUSTERS = 27
 
 
 def _seeded_uniform_(t: torch.Tensor, bound: float, gen: torch.Generator) -> None:
@@ -183,9 +185,17 @@ def build_model(manifest: dict[str, Any], backbone: nn.Module, *,
     block, norm = last_block_and_norm(backbone)
     dim = int(manifest["embed_dim"])
     grid = tuple(manifest["grid_train"])
-    k = int(n_clusters if n_clusters is not None else manifest["num_classes"])
+    if n_clusters is not None:
+        k = int(n_clusters)
+    elif int(manifest.get("num_classes") or 0) > 0:
+        k = int(manifest["num_classes"])
+    else:  # an unlabelled folder: no class count to copy
+        k = UNLABELLED_CLUSTERS
+        log.info("the feature cache has no labels: the cluster probe has %d clusters (the "
+                 "COCO-Stuff-27 convention); choose another number with --n-clusters", k)
     if k < 1:
-        raise ValueError(f"n_clusters={k} must be at least 1")
+        raise ValueError(f"n_clusters={k} must be at least 1; pass --n-clusters with a positive "
+                         "number of clusters")
     gen = torch.Generator().manual_seed(int(seed))
     branch = FineTunedBranch(block, norm, grid, dim, generator=gen)
     linear = None

@@ -5,6 +5,7 @@ through eval's saved matching, corrupt images skipped and listed, resume, modes 
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -113,3 +114,25 @@ def test_predict_refuses_bad_input_clearly(run_dir, tmp_path):
     assert res.exit_code != 0 and "holds no image files" in str(res.exception)
     res = CliRunner().invoke(cli.app, ["predict", "--run-dir", str(run_dir), "--images", str(empty)])
     assert res.exit_code != 0 and "--out DIR" in str(res.exception)
+
+
+def test_an_unlabelled_folder_trains_and_predicts_cluster_ids(tmp_path, images):
+    """No labels anywhere: train picks a default cluster-probe size (27) without --n-clusters,
+    and predict writes cluster ids from the trained probe."""
+    root = make_folder(tmp_path / "data", n=8, size=(48, 64))
+    shutil.rmtree(root / "labels")
+    (root / "classes.txt").unlink(missing_ok=True)
+    out = tmp_path / "run"
+    invoke("features", "--out", out, "--dataset", "folder", "--data-root", root,
+           "--backbone", "vit_tiny_random", "--train-size", 32, "--eval-size", 48)
+    invoke("mine", "--out", out, "--phi0", 0.9, "--psi0", 0.5, "--batch-size", 8,
+           "--anchors-per-image", "1/4", "--holdout", 0.25, "--seed", 0, "--force")
+    invoke("train", "--out", out, "--epochs", 1, "--select-every", 2, "--tau", 0.2)
+    import torch
+    ckpt = torch.load(out / "train" / "ppap" / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model"]["n_clusters"] == 27 and not ckpt["model"]["has_labels"]
+    dest = tmp_path / "pred"
+    invoke("predict", "--run-dir", out, "--trained", "ppap", "--probe", "trained",
+           "--images", images, "--out", dest)
+    lab = np.asarray(Image.open(dest / "a.png"))
+    assert lab.shape == (50, 70) and lab.max() < 27
