@@ -510,8 +510,10 @@ class AuditConfig:
     # e.g. ("phi0=0.45:0.65:0.05", "psi0=0.1:0.3:0.05")
     sweep: tuple[str, ...] = option((), "Grid to mine and audit, e.g. phi0=0.45:0.65:0.05 "
                                     "(repeatable).")
-    json: str | None = option(None, "JSON output path (default: <out>/audit/audit.json).")
-    plot: str | None = option(None, "Fig. 1b PNG path (default: <out>/audit/fig1b.png).")
+    name: str | None = option(None, "Output folder <out>/audit/<name>/ (default: the mined "
+                              "sets' names joined by '+', then '-sweep-<swept names>').")
+    json: str | None = option(None, "JSON output path (default: <out>/audit/<name>/audit.json).")
+    plot: str | None = option(None, "Fig. 1b PNG path (default: <out>/audit/<name>/fig1b.png).")
     seed: int = option(0, SEED_HELP)
     backend: str = option("faiss", "faiss or torch (for --sweep).")
     device: str = option("cpu", DEVICE_HELP)
@@ -523,7 +525,23 @@ class AuditConfig:
             raise ValueError(f"batches={self.batches} must be positive")
         if self.max_anchors is not None and self.max_anchors <= 0:
             raise ValueError(f"max_anchors={self.max_anchors} must be positive (or omitted for all)")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ValueError(f"name={self.name!r}: give a plain folder name (no '/', not hidden)")
         _check_device(self.device)
+
+    @property
+    def label(self) -> str:
+        """The output folder under <out>/audit/: --name, or the mined sets (and swept names)."""
+        if self.name:
+            return self.name
+        parts = "+".join(dict.fromkeys(self.mined))
+        if self.sweep:
+            swept = "+".join(dict.fromkeys(g.split("=", 1)[0].strip() for g in self.sweep))
+            parts = f"{parts}-sweep-{swept}" if parts else f"sweep-{swept}"
+        if len(parts) > 80:  # many mined sets: a short, stable name
+            import hashlib
+            parts = f"{parts[:60]}-{hashlib.sha256(parts.encode()).hexdigest()[:8]}"
+        return parts
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,15 @@ pipeline/audit.py). `--sweep` mines the same sampled anchors in memory for every
 grid of (phi0, psi0, prop_iters, sigma_pos, sigma_amb) and audits each, so thresholds can be
 chosen for a new backbone on a small labelled training sample.
 
-Writes `<out>/audit/audit.json` (or `--json`), the Fig. 1b PNG (`--plot`, default
-`<out>/audit/fig1b.png`) and, for a sweep, a trade-off PNG beside it (`sweep.png`).
+Writes `<out>/audit/<name>/audit.json` (or `--json`; <name> = --name or the mined sets joined by
+'+'), the Fig. 1b PNG (`--plot`, default beside it: `fig1b.png`) and, for a sweep, a trade-off PNG
+(`sweep.png`). An earlier audit of other settings in that folder is kept: the stage refuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,22 +292,71 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
         print(f"Sweep of {sweep_results[0]['criterion']} on the same anchors:")
         print(format_table(sweep_results))
 
-    json_path = Path(cfg.json) if cfg.json else audit_dir / "audit.json"
+    json_path = Path(cfg.json) if cfg.json else audit_dir / cfg.label / "audit.json"
     hold_lock(json_path.parent, "audit output")
+    _refuse_other_audit(json_path, cfg)
     atomic_write_json(json_path, report)
-    plot_path = Path(cfg.plot) if cfg.plot else audit_dir / "fig1b.png"
+    plot_path = Path(cfg.plot) if cfg.plot else json_path.with_name("fig1b.png")
     report["json"] = str(json_path)
     report["plot"] = None
+    title = _title(cfg, store, report)
     if run_results:
-        plot_fig1b(run_results, plot_path)
+        plot_fig1b(run_results, plot_path, title=title)
         report["plot"] = str(plot_path)
     if sweep:
         sweep_png = plot_path.with_name("sweep.png" if cfg.plot is None else plot_path.stem + "_sweep.png")
-        plot_sweep(sweep_results, sweep.grid, sweep_png)
+        plot_sweep(sweep_results, sweep.grid, sweep_png, title=title)
         report["sweep_plot"] = str(sweep_png)
     written = [str(report[k]) for k in ("json", "plot", "sweep_plot") if report.get(k)]
     log.info("audit: wrote %s", ", ".join(written))
     return report
+
+
+# settings that only say where results go: an audit differing in these alone is the same audit
+_WHERE = ("out", "json", "plot", "name", "device", "backend")
+
+
+def _refuse_other_audit(json_path: Path, cfg: AuditConfig) -> None:
+    """An earlier audit.json of other settings is never overwritten: name the way out."""
+    if not json_path.exists():
+        return
+    try:
+        old = json.loads(json_path.read_text()).get("audit_config", {})
+    except (OSError, ValueError):
+        old = None  # unreadable: nothing worth keeping
+    if old is None:
+        return
+    new = to_dict(cfg)
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in _WHERE and _norm(old.get(k)) != _norm(new.get(k)))
+    if diff:
+        raise ValueError(
+            f"{json_path} holds an audit with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
+            f"now {', '.join(f'{k}={new.get(k)!r}' for k in diff)}); it is kept: give this one "
+            "another --name (or --json/--plot), or delete that folder to redo it")
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _title(cfg: AuditConfig, store: FeatureStore, report: dict[str, Any]) -> str:
+    """Names the run directory, the audited sets and the sample, for every figure."""
+    b = report["batches"]
+    batches = f"batch {b[0]}" if len(b) == 1 else f"batches {b[0]}-{b[-1]}"
+    what = ", ".join(cfg.mined) if cfg.mined else "no mined set"
+    if cfg.sweep:
+        what += f"; sweep {' '.join(cfg.sweep)}"
+    return (f"{Path(cfg.out).resolve().name} ({store.manifest.get('dataset')}, "
+            f"{store.manifest.get('backbone')}): {what}\n"
+            f"plan {cfg.epoch}, {batches}, {sum(report['anchors_audited'])} anchors")
+
+
+def _legend(r: dict[str, Any]) -> str:
+    c = r.get("config") or {}
+    if c.get("criterion") in ("ppap", "p0"):
+        return f"{r['name']} ({c['criterion']} {c.get('phi0')}/{c.get('psi0')})"
+    return f"{r['name']} ({c.get('criterion', r.get('criterion'))})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +371,7 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_fig1b(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_fig1b(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Bars: mean |P| of the bottom q% anchors (sorted by |P|); lines: their precision."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -339,8 +390,8 @@ def plot_fig1b(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
         mean_pos = [np.nan if v is None else v for v in c["mean_pos"]]
         prec = [np.nan if v is None else v for v in c["precision"]]
         ax.bar(x - 0.4 + width * (i + 0.5), mean_pos, width=width, color=col, alpha=0.45,
-               label=f"{r['name']}: mean |P|")
-        ax2.plot(x, prec, color=col, marker="o", markersize=3, label=f"{r['name']}: precision")
+               label=f"{_legend(r)}: mean |P|")
+        ax2.plot(x, prec, color=col, marker="o", markersize=3, label=f"{_legend(r)}: precision")
     ax.set_xticks(x)
     ax.set_xticklabels([f"{q:g}" for q in qs], fontsize=8)
     ax.set_xlabel("bottom q% of anchors, sorted by |P|")
@@ -351,14 +402,16 @@ def plot_fig1b(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
               ncol=min(4, 2 * max(n, 1)), frameon=False)
-    ax.set_title("Positives and their precision by anchor (paper Fig. 1b)")
+    ax.set_title("Positives and their precision by anchor (paper Fig. 1b)"
+                 + (f"\n{title}" if title else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)
     return path
 
 
-def plot_sweep(results: Sequence[dict[str, Any]], grid: dict[str, list], path: str | Path) -> Path:
+def plot_sweep(results: Sequence[dict[str, Any]], grid: dict[str, list], path: str | Path,
+               title: str = "") -> Path:
     """Precision of P and same-class share of N against mean |P|, one line per colour value."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -398,7 +451,8 @@ def plot_sweep(results: Sequence[dict[str, Any]], grid: dict[str, list], path: s
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
-    fig.suptitle("Threshold sweep: more positives vs precision (choose on training data)")
+    fig.suptitle("Threshold sweep: more positives vs precision (choose on training data)"
+                 + (f"\n{title}" if title else ""), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)

@@ -4,6 +4,7 @@ sweep parsing, and the audit/show stages on a synthetic store with real shards."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,11 +380,30 @@ def test_audit_default_paths_and_anchor_sample(mined_store):
 
     out, _ = mined_store
     rep = stage.run(AuditConfig(out=str(out), mined=("ppap", "p0"), batches=3, max_anchors=5, seed=3))
-    assert rep["json"] == str(out / "audit" / "audit.json") and (out / "audit" / "fig1b.png").is_file()
+    d = out / "audit" / "ppap+p0"
+    assert rep["json"] == str(d / "audit.json") and (d / "fig1b.png").is_file()
     assert rep["anchors_audited"] == [5, 5, 5] and rep["anchors_in_batches"] == [16, 16, 16]
     # the same sampled anchors for every run
     assert rep["runs"][0]["n_anchors"] + rep["runs"][0]["n_skipped"] == 15
     assert rep["runs"][0]["n_skipped"] == rep["runs"][1]["n_skipped"]
+
+
+def test_audits_of_other_sets_or_settings_never_overwrite_each_other(mined_store):
+    from stages import audit as stage
+
+    out, _ = mined_store
+    first = stage.run(AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=5))
+    second = stage.run(AuditConfig(out=str(out), mined=("hp",), batches=2, max_anchors=5))
+    assert Path(first["json"]).parent.name == "ppap" and Path(second["json"]).parent.name == "hp"
+    kept = Path(first["json"]).read_bytes(), Path(first["plot"]).read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(batches=2; now batches=3\).*--name"):
+        stage.run(AuditConfig(out=str(out), mined=("ppap",), batches=3, max_anchors=5))
+    assert (Path(first["json"]).read_bytes(), Path(first["plot"]).read_bytes()) == kept
+    # the same audit again is a rerun (same folder); another --name keeps both
+    assert stage.run(AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=5))["json"] == first["json"]
+    third = stage.run(AuditConfig(out=str(out), mined=("ppap",), batches=3, max_anchors=5, name="b3"))
+    assert third["json"] == str(out / "audit" / "b3" / "audit.json")
+    assert json.loads(Path(first["json"]).read_text())["audit_config"]["batches"] == 2
 
 
 def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
