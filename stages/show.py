@@ -1,7 +1,7 @@
 """Pictures of mined sets (the paper's Fig. 5): one PNG per chosen anchor of one shard.
 
-The anchor's patch is boxed in red on its image; its positives (green) and ambiguous patches
-(yellow) are tinted, and the rest (negatives) dimmed, on every image of the batch that holds
+The anchor's patch is boxed in red on its image; its positives (magenta) and ambiguous patches
+(blue) are tinted, and the rest (negatives) dimmed, on every image of the batch that holds
 any: the anchor's image first, then the others by decreasing count, at most `MAX_IMAGES`. When the cache has labels, the
 ground truth (class palette, ignore black) is drawn beside each image.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,8 +32,10 @@ log = logging.getLogger("ppap.show")
 MAX_IMAGES = 16  # images per figure (anchor's image included)
 PANELS_PER_ROW = 4  # images per figure row (each with its ground truth beside it, if any)
 PANEL_W_IN, PANEL_H_IN, HEADER_IN, DPI = 2.5, 2.7, 0.6, 100
-POS_RGBA = (0.1, 0.9, 0.1, 0.5)
-AMB_RGBA = (1.0, 0.85, 0.0, 0.5)
+# magenta and pure blue: the two colours farthest from every class colour of pipeline.viz.palette
+# (RGB distance >= 130 to each of its 60 colours), so a tinted patch never reads as a class
+POS_RGBA = (1.0, 0.0, 1.0, 0.55)
+AMB_RGBA = (0.0, 0.0, 1.0, 0.55)
 REST_RGBA = (0.0, 0.0, 0.0, 0.35)
 
 
@@ -138,14 +140,30 @@ def render_anchor(
              f"showing {len(shown)} (anchor's image first, then by count)")
     fig.suptitle(head, fontsize=10, y=1 - 0.08 * HEADER_IN * DPI / hpx)
     fig.legend(handles=[Patch(color=POS_RGBA, label="positive"), Patch(color=AMB_RGBA, label="ambiguous"),
+                        Patch(color=REST_RGBA, label="negative (dimmed)"),
                         Patch(fill=False, edgecolor="red", label="anchor")],
-               loc="upper right", fontsize=8, frameon=False, ncol=3)
+               loc="upper right", fontsize=8, frameon=False, ncol=4)
+    if labelled:  # the classes drawn in the ground-truth panels
+        present = sorted(int(c) for c in np.unique(labels[shown]) if c >= 0)
+        names = [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in present]
+        fig.legend(handles=[Patch(color=pal[c] / 255.0, label=n) for c, n in zip(present, names)],
+                   loc="upper left", fontsize=7, frameon=False, ncol=min(6, max(1, len(present))),
+                   title="ground truth", title_fontsize=7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=DPI)
     tmp.replace(path)
     return path
+
+
+def _settings(c: dict[str, Any]) -> str:
+    """The mining settings a picture depends on, for its title."""
+    crit = c.get("criterion")
+    if crit in ("ppap", "p0"):
+        extra = f" T={c.get('prop_iters')}" if crit == "ppap" else ""
+        return f"{crit} phi0={c.get('phi0')} psi0={c.get('psi0')}{extra}"
+    return str(crit)
 
 
 def _choose_anchors(cfg: ShowConfig, m: int) -> list[int]:
@@ -174,13 +192,14 @@ def run(cfg: ShowConfig) -> list[Path]:
     labels = take_rows(g["labels"], images) if store.has_labels and "labels" in g else None
     patch_label = take_rows(g["patch_labels"], images).reshape(-1) if labels is not None else None
     names = store.class_names if labels is not None else None
+    sets_cfg = {"criterion": shard.criterion, **MinedSets(out, cfg.mined).config}
     dest = Path(cfg.dest) if cfg.dest else RunLayout(out).show(cfg.mined)
     grid = store.grid("train")
     hold_lock(dest, "picture folder")
     written = []
     for i, a in enumerate(chosen):
-        title = (f"{cfg.mined} ({shard.criterion}), epoch {cfg.epoch}, batch {cfg.batch}, "
-                 f"anchor {a} (row {int(anchors[a])})")
+        title = (f"{out.resolve().name}: {cfg.mined} ({_settings(sets_cfg)}), plan {cfg.epoch}, "
+                 f"batch {cfg.batch}, anchor {a} (row {int(anchors[a])})")
         p = render_anchor(dest / f"e{cfg.epoch}_b{cfg.batch}_a{a}.png", rgb, grid, int(anchors[a]),
                           sets.pos(i), sets.amb(i), labels=labels, class_names=names,
                           patch_label=patch_label, title=title, crop_ids=[int(c) for c in images])

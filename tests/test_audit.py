@@ -498,6 +498,18 @@ def test_show_renders_expected_pngs(mined_store, tmp_path):
         show.run(ShowConfig(out=str(out), mined="ppap", batch=9, anchors=(0,), dest=str(tmp_path)))
 
 
+def test_show_set_colours_never_read_as_a_class_colour():
+    from pipeline.viz import palette
+    from stages import show
+
+    classes = palette(60).astype(float)
+    for rgba in (show.POS_RGBA, show.AMB_RGBA):
+        rgb = 255.0 * np.asarray(rgba[:3])
+        assert np.sqrt(((classes - rgb) ** 2).sum(1)).min() >= 130, rgba
+    assert show._settings({"criterion": "ppap", "phi0": 0.95, "psi0": 0.7, "prop_iters": 2}) == \
+        "ppap phi0=0.95 psi0=0.7 T=2"
+
+
 def test_choose_images_order():
     from stages.show import choose_images
 
