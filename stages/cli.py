@@ -21,7 +21,8 @@ import typer
 
 from pipeline import __version__
 from pipeline.config import (
-    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, flag_name, option_flags, resolve, upgrade_names,
+    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, flag_name, option_flags, preset_values, resolve,
+    upgrade_names,
 )
 
 log = logging.getLogger("ppap.cli")
@@ -79,6 +80,27 @@ def _parameter(name: str, annotation: Any, flags: tuple[str, ...],
                              default=typer.Option(None, *flags, help=help_text))
 
 
+def _with_default(f: dataclasses.Field) -> str:
+    """The field's help with its built-in default, unless the help already states one (a
+    --preset or --config value replaces it; `ppap-pipe config` prints the resolved values)."""
+    text = f.metadata.get("help", "")
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return text
+    if value is None or "default" in text.lower() or value in ((), [], ""):
+        return text
+    if isinstance(value, bool):
+        shown = "on" if value else "off"
+    elif isinstance(value, (tuple, list)):
+        shown = " ".join(str(v) for v in value)
+    else:
+        shown = str(value)
+    return f"{text} (default: {shown})".strip()
+
+
 def parameters(stage: str, cls: type) -> list[inspect.Parameter]:
     """One keyword parameter per command-line field of `cls` (and per former name of one, see
     DEPRECATED_NAMES), with --preset and --config after --out."""
@@ -90,7 +112,7 @@ def parameters(stage: str, cls: type) -> list[inspect.Parameter]:
             continue
         annotation = _cli_type(cls, f.name, hints[f.name])
         flags = option_flags(f)
-        params.append(_parameter(f.name, annotation, flags, f.metadata.get("help", "")))
+        params.append(_parameter(f.name, annotation, flags, _with_default(f)))
         params += [_parameter(old, annotation, (flag_name(old),), f"Deprecated: use {flags[0]}.")
                    for old, new in DEPRECATED_NAMES.get(stage, {}).items() if new == f.name]
     at = 1 if params and params[0].name == "out" else 0
@@ -174,6 +196,55 @@ def _main(
     _setup_logging(verbose)
 
 
+def show_config(
+    preset: Optional[str] = typer.Option(None, "--preset", help=COMMON_HELP["preset"]),
+    config: Optional[str] = typer.Option(None, "--config", help=COMMON_HELP["config"]),
+    stage: Optional[List[str]] = typer.Option(None, "--stage", help="Only these stages "
+                                              "(repeatable; default: every stage)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default "
+                                      "data_cache/<preset or demo>)."),
+    fmt: str = typer.Option("toml", "--format", help="toml (readable back by --config) or json."),
+) -> None:
+    """Print the resolved settings of every stage: defaults <- --preset <- --config FILE."""
+    import json
+
+    from pipeline import tomlout
+
+    if fmt not in ("toml", "json"):
+        raise ValueError(f"--format {fmt!r}: choose toml or json")
+    stages = list(stage or COMMANDS)
+    unknown = [s for s in stages if s not in COMMANDS]
+    if unknown:
+        raise ValueError(f"--stage {unknown[0]!r}: choose among {', '.join(COMMANDS)}")
+    tables: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for name in stages:
+        cls = STAGE_CONFIGS[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        given = {"out": out or f"data_cache/{preset or 'demo'}"} if "out" in fields else {}
+        try:
+            cfg = resolve(cls, preset=preset, config_file=config, stage=name, **given)
+            values = dataclasses.asdict(cfg)
+        except ValueError as exc:  # e.g. predict without --images: defaults and preset only
+            notes.append(f"{name}: needs more on its command line ({exc})")
+            values = {f.name: (f.default if f.default is not dataclasses.MISSING
+                               else f.default_factory())  # type: ignore[misc]
+                      for f in dataclasses.fields(cls)}
+            values.update(given)
+            if preset is not None:
+                values.update(preset_values(preset, cls))
+        tables[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+    if fmt == "json":
+        typer.echo(json.dumps({"preset": preset, "config": config, "stages": tables,
+                               "not_resolved": notes}, indent=2))
+        return
+    header = (f"ppap-pipe {__version__}: settings of preset {preset or '(none)'}"
+              + (f" with {config}" if config else "")
+              + "; give this file to any stage with --config FILE"
+              + "".join(f"\n{n}" for n in notes))
+    typer.echo(tomlout.dumps(tables, header=header), nl=False)
+
+
 def make_app() -> typer.Typer:
     """The `ppap-pipe` app: a command per entry of COMMANDS, its options from STAGE_CONFIGS now."""
     app = typer.Typer(
@@ -185,6 +256,8 @@ def make_app() -> typer.Typer:
     app.callback()(_main)
     for stage, (module, help_text) in COMMANDS.items():
         app.command(stage, help=help_text)(_command(stage, STAGE_CONFIGS[stage], module))
+    app.command("config", help="Print every stage's resolved settings (defaults <- --preset <- "
+                "--config) as TOML that --config reads back.")(show_config)
     return app
 
 

@@ -70,7 +70,7 @@ def test_every_field_is_an_option_with_its_help(stage):
         assert tuple(opt.opts) == option_flags(f), f.name
         if f.type in ("bool", bool):
             assert opt.secondary_opts == ["--no-" + option_flags(f)[0][2:]]
-        assert opt.help == f.metadata["help"]
+        assert opt.help == cli._with_default(f) and opt.help.startswith(f.metadata["help"])
         assert squeeze(f.metadata["help"]) in help_out, f"{stage} --help lacks {f.name}'s help"
         for flag in option_flags(f):
             assert flag in help_out
@@ -216,3 +216,37 @@ def test_sweep_train_passes_preset_and_config_to_its_runs(monkeypatch, tmp_path)
     cfg = seen[-1]
     assert (cfg.preset, cfg.config, cfg.name, cfg.out) == ("camvid", str(conf), "fromfile",
                                                           "data_cache/camvid")
+
+
+def test_help_shows_each_options_default():
+    text = squeeze(invoke(cli.app, "mine", "--help"))
+    assert "InitialpositivethresholdΦ0.(default:0.55)" in text
+    assert "ppap,p0,hp,kmeans,primapsoreigen.(default:ppap)" in text
+    assert squeeze("(default: on)") in squeeze(invoke(cli.app, "eval", "--help"))  # --crf/--no-crf
+    # a help text that already says its default is left as written
+    assert text.count("(default:thecriterion)") == 1
+
+
+def test_config_prints_the_resolved_settings_and_reads_back(tmp_path):
+    import tomllib
+
+    from pipeline.config import MineConfig, TrainConfig, resolve
+
+    text = invoke(cli.app, "config", "--preset", "camvid")
+    data = tomllib.loads(text)
+    assert data["mine"]["phi0"] == PRESETS["camvid"]["mine"]["phi0"] == 0.95
+    assert data["train"]["out"] == "data_cache/camvid" and "n_clusters" not in data["train"]
+    assert "# n_clusters = (unset)" in text
+    assert "predict: needs more on its command line" in text and "images" not in data["predict"]
+    path = tmp_path / "camvid.toml"
+    path.write_text(text)
+    for stage, cls in (("mine", MineConfig), ("train", TrainConfig)):
+        assert resolve(cls, config_file=path, stage=stage) == \
+            resolve(cls, preset="camvid", stage=stage, out="data_cache/camvid")
+    # a config file on top of the preset, one stage, JSON
+    (tmp_path / "tight.toml").write_text("[mine]\nphi0 = 0.97\n")
+    out = json.loads(invoke(cli.app, "config", "--preset", "camvid", "--config",
+                            tmp_path / "tight.toml", "--stage", "mine", "--format", "json"))
+    assert list(out["stages"]) == ["mine"] and out["stages"]["mine"]["phi0"] == 0.97
+    res = CliRunner().invoke(cli.app, ["config", "--stage", "mien"])
+    assert res.exit_code != 0 and "choose among" in str(res.exception)
