@@ -3,6 +3,7 @@
 #   make features mine train eval PRESET=camvid            # CamVid from ../shared/camvid
 #   make mine PRESET=camvid MINE_ARGS="--phi0 0.9 --psi0 0.6 --plans 2 --name ppap_b"
 #   make eval PRESET=camvid EVAL_ARGS="--crf-workers 2 --checkpoint last"
+#   make predict PRESET=camvid IMAGES=my_photos MASKS=my_masks
 PYTHON   ?= python3
 VENV     ?= .venv
 PRESET   ?= demo
@@ -16,12 +17,15 @@ TRAIN_ARGS ?=
 EVAL_ARGS  ?=
 AUDIT_ARGS ?=
 SWEEP_ARGS ?= --grid tau=0.1,0.2 --grid lr=3e-5,1e-4
+IMAGES   ?=
+MASKS    ?= $(RUN)/predict
+PREDICT_ARGS ?=
 
 PPAP := $(VENV)/bin/ppap-pipe
 STAMP := $(VENV)/.installed
 COMMON := --preset $(PRESET) --out $(RUN)
 
-.PHONY: help install features mine train eval baseline audit sweep test test-all bench clean
+.PHONY: help install features mine train eval predict baseline audit sweep test test-all bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
@@ -45,6 +49,10 @@ train: mine  ## stage 3: train the last-block copy + head (TRAIN_ARGS=)
 eval: train  ## stage 4: frozen baseline, then the run's best.pt (EVAL_ARGS=, e.g. --checkpoint last)
 	$(PPAP) eval $(COMMON) --baseline frozen --device $(DEVICE) $(EVAL_ARGS)
 	$(PPAP) eval $(COMMON) --device $(DEVICE) $(EVAL_ARGS)
+
+predict: $(STAMP)  ## segment a folder of images with the trained run (IMAGES=dir, MASKS=dir, PREDICT_ARGS=)
+	@test -n "$(IMAGES)" || { echo "give IMAGES=<folder of images>, e.g. make predict IMAGES=my_photos"; exit 2; }
+	$(PPAP) predict --preset $(PRESET) --run-dir $(RUN) --images $(IMAGES) --out $(MASKS) --device $(DEVICE) $(PREDICT_ARGS)
 
 sweep: mine  ## sweep-train on held-out training images (SWEEP_ARGS="--grid NAME=V1,V2 ...")
 	$(PPAP) sweep-train $(COMMON) --device $(DEVICE) $(SWEEP_ARGS)

@@ -17,6 +17,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline import RELATIVE_OUT
+
 log = logging.getLogger("ppap.config")
 
 # ---------------------------------------------------------------------------------------
@@ -732,6 +734,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of option names to values")
+    if data.pop(RELATIVE_OUT, False) and isinstance(data.get("out"), str):
+        # a config.json a stage saved: its `out` is relative to the file (the run may have moved)
+        data["out"] = str((p.resolve().parent / data["out"]).resolve())
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     unknown = sorted(set(tables) - set(STAGE_CONFIGS))
     if unknown:

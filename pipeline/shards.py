@@ -299,8 +299,8 @@ def remine_hint(path: str | Path) -> str:
     mine_dir = Path(path).parent.parent.parent
     cfg = mine_dir / "config.json"
     try:
-        out = read_json(cfg)["out"]
-        cmd = f"ppap-pipe mine --out {out} --config {cfg}"
+        read_json(cfg)  # readable: it names every setting (its `out` is relative to it)
+        cmd = f"ppap-pipe mine --out {mine_dir.parent.parent} --config {cfg}"
     except (OSError, ValueError, KeyError, TypeError):
         cmd = f"ppap-pipe mine --out {mine_dir.parent.parent} --name {mine_dir.name} <its settings>"
     return (f"rerun `{cmd}`: it re-mines shards that are missing, corrupt or have no checksum, "

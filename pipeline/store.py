@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import FORMAT_VERSION, __version__
+from pipeline import FORMAT_VERSION, RELATIVE_OUT, __version__
 
 
 class ManifestMismatch(ValueError):
@@ -53,6 +53,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def portable_config(config: Mapping[str, Any], path: str | Path, root: str | Path) -> dict[str, Any]:
+    """`config` as saved at `path` inside the run directory `root` (its `out` made relative)."""
+    d = dict(config)
+    if d.get("out") is not None:
+        d["out"] = os.path.relpath(Path(root).resolve(), Path(path).resolve().parent)
+        d[RELATIVE_OUT] = True
+    return d
+
+
+def in_run(path: str | Path | None, root: str | Path) -> str | None:
+    """`path` relative to the run directory `root` when it lies inside it, else as given: the
+    records a run writes (summaries, metrics, audit reports) stay true when it is moved."""
+    if path is None:
+        return None
+    p, r = Path(path).resolve(), Path(root).resolve()
+    try:
+        rel = p.relative_to(r)
+    except ValueError:
+        return str(path)
+    return str(rel) if str(rel) != "." else "."
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -260,14 +260,17 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
         return {**audit_summary(s, num_classes=store.num_classes, class_names=store.class_names),
                 "curve": fig1b_curve(s)}
 
-    run_results = [{"name": r.name, "criterion": r.criterion, "config": r.config, **result(run_stats[r.name])}
-                   for r in runs]
+    def settings(d: dict[str, Any]) -> dict[str, Any]:  # where the run lives is not a setting
+        return {k: v for k, v in d.items() if k != "out"}
+
+    run_results = [{"name": r.name, "criterion": r.criterion, "config": settings(r.config),
+                    **result(run_stats[r.name])} for r in runs]
     sweep_results = [{"name": pt.label, "criterion": pt.config.criterion, "params": pt.params,
-                      "config": to_dict(pt.config), **result(st)}
+                      "config": settings(to_dict(pt.config)), **result(st)}
                      for pt, st in zip(sweep.points if sweep else [], sweep_stats)]
 
     report: dict[str, Any] = {
-        "audit_config": to_dict(cfg),
+        "audit_config": {**to_dict(cfg), "out": "."},  # paths relative to the run directory
         "features_fingerprint": store.manifest.get("fingerprint"),
         "code_version": code_version(),
         "epoch": cfg.epoch,
@@ -278,7 +281,8 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
         "runs": run_results,
     }
     if sweep:
-        report.update(sweep=sweep_results, sweep_grid=sweep.grid, sweep_base=to_dict(sweep.base),
+        report.update(sweep=sweep_results, sweep_grid=sweep.grid,
+                      sweep_base=settings(to_dict(sweep.base)),
                       sweep_skipped=sweep.skipped)
 
     audit_dir = RunLayout(out).audit

@@ -21,8 +21,8 @@ import typer
 
 from pipeline import __version__
 from pipeline.config import (
-    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, flag_name, option_flags, preset_values, resolve,
-    upgrade_names,
+    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, flag_name, load_config_file, option_flags,
+    preset_values, resolve, upgrade_names,
 )
 
 log = logging.getLogger("ppap.cli")
@@ -128,6 +128,15 @@ def parameters(stage: str, cls: type) -> list[inspect.Parameter]:
     return params
 
 
+def _file_names_out(config_file: str | None, stage: str) -> bool:
+    """Whether a --config file sets `out` (flat or in its [stage] table): then it, not the
+    data_cache/<preset> default, says where the run is (e.g. a run's own saved config.json)."""
+    if config_file is None:
+        return False
+    data = load_config_file(config_file)
+    return "out" in data or "out" in data.get(stage, {})
+
+
 def _command(stage: str, cls: type, module: str) -> Callable[..., None]:
     """The typer callback of `stage`: its signature is generated from `cls` (`parameters`)."""
 
@@ -137,7 +146,7 @@ def _command(stage: str, cls: type, module: str) -> Callable[..., None]:
         preset, config_file = values.pop("preset", None), values.pop("config", None)
         values = upgrade_names(stage, values, "command line", flags=True)
         names = {f.name for f in dataclasses.fields(cls)}
-        if "out" in names and "out" not in values:
+        if "out" in names and "out" not in values and not _file_names_out(config_file, stage):
             values["out"] = f"data_cache/{preset or 'demo'}"
         cfg = resolve(cls, preset=preset, config_file=config_file, stage=stage, **values)
         # a config's own `preset` / `config` fields (SweepConfig: for the runs under its grid)

@@ -27,6 +27,7 @@ from pipeline.artifacts.features import FeatureCacheWriter, unit_key
 from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
 from pipeline.integrity import NonFinite, nonfinite_rows, releases_locks, require_device
+from pipeline.store import in_run
 
 log = logging.getLogger("ppap.features")
 
@@ -237,7 +238,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     skipped = [s for u in units for s in writer.unit_stats(u.key).get("skipped", [])]
     report = {
-        "store": str(writer.path),
+        "store": in_run(writer.path, writer.out),  # relative to the run directory
         "fingerprint": manifest["fingerprint"],
         "chunks": len(units),
         "chunks_computed": len(todo),

@@ -252,7 +252,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
                 continue
             h, w = rgb.shape[:2]
             size = working_size(h, w, side, info.patch_size, cfg.max_side)
-            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0).to(cfg.device)
+            x = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float().div_(255.0).to(cfg.device)
             x = Fn.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
             work_rgb = (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
             mid, _ = forward_tokens(backbone, (x - mean) / std)

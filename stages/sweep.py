@@ -42,6 +42,11 @@ _TRAIN_SKIP = {"out", "mined", "name", "holdout", "device", "ckpt_every", "max_s
                "amp"}
 
 
+
+def _settings(cfg: TrainConfig) -> dict:
+    """A run's config for results.json, without where the run directory is (it may move)."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "out"}
+
 def train_params() -> dict[str, type]:
     """Training options a grid may name, with their types."""
     out: dict[str, type] = {}
@@ -147,11 +152,11 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
             summary = train_stage.run(tcfg)
             records = TrainRun(cfg.out, tcfg.run_name).selection_records()
             results.append({"label": label, "point": point, "seed": seed, "mined": mined,
-                            "run": tcfg.run_name, "config": to_dict(tcfg), "records": records,
+                            "run": tcfg.run_name, "config": _settings(tcfg), "records": records,
                             "selection": summary.get("selection")})
     dest = RunLayout(cfg.out).sweep(cfg.name)
     report = {"name": cfg.name, "grid": grid, "fixed": fixed, "seeds": seeds,
-              "base": to_dict(base), "runs": results}
+              "base": _settings(base), "runs": results}
     atomic_write_json(dest / "results.json", report)
     table = format_table(results, list(grid))
     atomic_write_bytes(dest / "table.md", (table + "\n").encode())

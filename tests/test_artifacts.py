@@ -250,3 +250,36 @@ def test_eval_report_writes_metrics_last_and_leaves_nothing_stale(tmp_path):
     write(config={}, metrics={"name": "frozen"}, confusions=conf, confusion_png=b"png",
           predictions_png=None, probes=None)
     assert not (report.dir / "predictions.png").exists() and not report.probes_path.exists()
+
+
+def test_a_moved_run_directory_stays_valid(run_dir, tmp_path):
+    """Nothing a run writes names its own absolute location: copied elsewhere (the original
+    deleted from view by renaming), every saved config reads back pointing at the new place and
+    every stage resumes there with nothing to redo."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.config import resolve
+    from stages import evaluate, train
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)
+    old = str(run_dir.resolve())
+    for f in moved.rglob("*.json*"):
+        if f.name not in ("zarr.json",):
+            assert old not in f.read_text(), f"{f.relative_to(moved)} names the old run directory"
+    cfg = moved / "mine" / "ppap" / "config.json"
+    assert resolve(MineConfig, config_file=cfg, stage="mine").out == str(moved.resolve())
+    assert MinedSets(moved, "ppap").mine_config().out == str(moved)
+    # the saved config alone (no --out) resumes the mined sets where they are now
+    res = subprocess.run([sys.executable, "-m", "stages.cli", "mine", "--config", str(cfg)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "already done" in res.stderr and "0 already done" not in res.stderr
+    summary = train.run(resolve(TrainConfig, config_file=moved / "train" / "ppap" / "config.json",
+                                stage="train"))
+    assert summary["steps_this_run"] == 0 and summary["finished"]
+    evaluate.run(EvalConfig(out=str(moved), trained="ppap", crf=False, n_show=0))
+    metrics = json.loads((moved / "eval" / "ppap-best" / "metrics.json").read_text())
+    assert metrics["model"]["checkpoint"] == "train/ppap/best.pt"

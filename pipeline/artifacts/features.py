@@ -42,7 +42,9 @@ from zarr.storage import LocalStore
 from pipeline.artifacts.layout import FEATURES_LOCK, FEATURES_STORE, RunLayout
 from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
                                 nonfinite_rows, sha256_bytes, sha256_file)
-from pipeline.store import Markers, atomic_write_json, check_or_write_manifest, read_json
+from pipeline.store import (
+    Markers, atomic_write_json, check_or_write_manifest, portable_config, read_json,
+)
 
 log = logging.getLogger("ppap.features")
 
@@ -488,7 +490,8 @@ class FeatureCacheWriter:
                          dim=int(manifest["embed_dim"]), grid=(h, w), side=s["side"],
                          labelled=manifest["has_labels"], chunk=chunk_crops[split])
         root.attrs["manifest"] = manifest
-        atomic_write_json(self.layout.features_config, config)
+        atomic_write_json(self.layout.features_config,
+                          portable_config(config, self.layout.features_config, self.out))
 
     def _open_group(self, manifest: dict[str, Any]) -> zarr.Group:
         path = self.path

@@ -27,13 +27,16 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from pipeline import batching, shards
+from pipeline import RELATIVE_OUT, batching, shards
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.layout import NamedRunDir
 from pipeline.config import MineConfig, config_hash, mine_config_dict, mined_plans
 from pipeline.integrity import (CorruptArtifact, clean_orphans, hold_lock, read_checked,
                                 sha256_bytes, write_checked)
-from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, read_json
+from pipeline.store import (
+    atomic_write_bytes, atomic_write_json, check_or_write_manifest, in_run, portable_config,
+    read_json,
+)
 
 log = logging.getLogger("ppap.mine")
 
@@ -174,7 +177,12 @@ class MinedSets(NamedRunDir):
     @functools.cached_property
     def config(self) -> dict[str, Any]:
         """The resolved config the sets were mined with ({} for a directory without one)."""
-        return read_json(self.config_path) if self.config_path.is_file() else {}
+        if not self.config_path.is_file():
+            return {}
+        config = read_json(self.config_path)
+        if config.pop(RELATIVE_OUT, False) or "out" in config:  # where the run is now
+            config["out"] = str(self.out)
+        return config
 
     def mine_config(self, **changes: Any) -> MineConfig:
         """The MineConfig of these sets (older runs say `epochs` for `plans`), with `changes`."""
@@ -273,12 +281,14 @@ class MinedSets(NamedRunDir):
         clean_orphans(self.dir)
         existed = self.manifest_path.is_file()
         record = check_or_write_manifest(self.manifest_path, identity,
-                                         extra={"config": config, "items": population},
+                                         extra={"config": portable_config(
+                                                    config, self.manifest_path, self.out),
+                                                "items": population},
                                          what="mined-set directory")
         if existed and self._legacy_population(population):
             for name in ("hp_pool.npy", "kmeans_centroids.npy"):
                 (self.dir / name).unlink(missing_ok=True)
-        atomic_write_json(self.config_path, config)
+        atomic_write_json(self.config_path, portable_config(config, self.config_path, self.out))
         self.__dict__.pop("config", None)
         self.__dict__.pop("manifest", None)
         return record
@@ -349,9 +359,11 @@ class MinedSets(NamedRunDir):
         """Write summary.json (+ state checksums); the manifest then says what the directory
         holds now (`plans` complete, extended plans included)."""
         summary = {**summary, "criterion_state": self.state_checksums()}
-        atomic_write_json(self.summary_path, summary)
-        atomic_write_json(self.manifest_path, {**record, "config": config, "items": population,
-                                               "plans": plans})
+        # on disk the directory is named relative to the run, so a moved run stays true
+        atomic_write_json(self.summary_path, {**summary, "dir": in_run(self.dir, self.out)})
+        atomic_write_json(self.manifest_path, {
+            **record, "config": portable_config(config, self.manifest_path, self.out),
+            "items": population, "plans": plans})
         self.__dict__.pop("manifest", None)
         return summary
 

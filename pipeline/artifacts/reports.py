@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.artifacts.layout import NamedRunDir
 from pipeline.integrity import clean_orphans, hold_lock
-from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.store import atomic_write_bytes, atomic_write_json, portable_config, read_json
 
 
 class EvalReport(NamedRunDir):
@@ -50,7 +50,7 @@ class EvalReport(NamedRunDir):
 
         hold_lock(self.dir, "evaluation")  # the run it reads needs no lock
         clean_orphans(self.dir)
-        atomic_write_json(self.config_path, config)
+        atomic_write_json(self.config_path, portable_config(config, self.config_path, self.out))
         if probes is not None:
             buf = io.BytesIO()
             torch.save(probes, buf)

@@ -45,7 +45,10 @@ from pipeline.config import CHECKPOINTS
 from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
                                 read_checked, write_checked)
 from pipeline.model import CKPT_FORMAT, TrainedModel, modules_from_checkpoint
-from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, read_json
+from pipeline.store import (
+    atomic_write_bytes, atomic_write_json, check_or_write_manifest, in_run, portable_config,
+    read_json,
+)
 
 log = logging.getLogger("ppap.train")
 
@@ -161,7 +164,7 @@ class TrainRun(NamedRunDir):
         hold_lock(self.dir, "training run")
         clean_orphans(self.dir)
         check_or_write_manifest(self.manifest_path, identity, what="training run")
-        atomic_write_json(self.config_path, config)
+        atomic_write_json(self.config_path, portable_config(config, self.config_path, self.out))
 
     def truncate_records(self, step: int) -> None:
         """Drop metric and selection lines past `step` (the checkpoint a run resumes from):
@@ -256,7 +259,8 @@ class TrainRun(NamedRunDir):
             raise ValueError(
                 f"{ckpt.path} was trained on feature cache {tcfg.get('features_fingerprint')} but "
                 f"{store.path} is {store.fingerprint}; evaluate with the --out it was trained in")
-        info = {"checkpoint": str(ckpt.path), "checkpoint_kind": kind, "step": tcfg.get("step"),
+        info = {"checkpoint": in_run(ckpt.path, self.out), "checkpoint_kind": kind,
+                "step": tcfg.get("step"),
                 "epoch": tcfg.get("epoch"), "mined_fingerprint": tcfg.get("mined_fingerprint"),
                 "selection": tcfg.get("selection")}
         return model, info
