@@ -83,9 +83,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # eigen_kernel_power: with the DINOv2 common component, max(0, cos) gives a kernel whose
     # normalised spectrum collapses after ~3 eigenvalues (CamVid train: 1, .66, .21, .10, .05,
     # ...), so the later eigenfunctions are noise; max(0, cos)^4 keeps a gradual spectrum
-    # (1, .93, .66, .49, .28, ...). Measured on training crops only (README, eigen criterion).
+    # (1, .93, .66, .49, .28, ...). Measured on training crops only (docs/results.md, eigen criterion).
     # Training recipe (tau 0.1, AdamW 1e-3, 2 epochs, selection every 10 steps): chosen by
-    # `sweep-train` on held-out *training* images (README, "choosing the training recipe"):
+    # `sweep-train` on held-out *training* images (docs/results.md, "choosing the training recipe"):
     # tau 0.8 collapses the code (held-out effective rank 0.5x frozen), tau <= 0.2 does not.
     "camvid": {
         "features": dict(dataset="camvid", data_root="../shared/camvid",
