@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pipeline import crf
+from pipeline.evaluation import crf
 
 
 def synthetic(n: int, side: int, k: int, seed: int = 0):

@@ -43,7 +43,7 @@ def main() -> None:
 
     from pipeline.artifacts.layout import RunLayout
     from pipeline.config import EvalConfig
-    from pipeline.seeds import format_mean_std
+    from pipeline.evaluation.seeds import format_mean_std
     from stages import evaluate
 
     src = RunLayout(Path(args.out).resolve())

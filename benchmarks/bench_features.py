@@ -39,9 +39,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.artifacts.layout import RunLayout
-    from pipeline.backbones import forward_tokens, input_size, load_backbone
     from pipeline.config import FeaturesConfig
-    from pipeline.datasets import eval_view, five_crops, get_dataset
+    from pipeline.data.backbones import forward_tokens, input_size, load_backbone
+    from pipeline.data.datasets import eval_view, five_crops, get_dataset
     from stages import features as stage
 
     model, info, _ = load_backbone(args.backbone)

@@ -53,7 +53,7 @@ def main() -> None:
 
     from pipeline.artifacts.features import FeatureStore, check_units, take_rows
     from pipeline.artifacts.layout import RunLayout
-    from pipeline.integrity import nonfinite_rows, sha256_bytes
+    from pipeline.cache.integrity import nonfinite_rows, sha256_bytes
 
     src = RunLayout(Path(args.out).resolve())
     scratch = RunLayout(tempfile.mkdtemp(prefix="bench_integrity_"))

@@ -1,4 +1,4 @@
-"""Benchmark of batch mining (pipeline.mining) on synthetic batches shaped like the presets.
+"""Benchmark of batch mining (pipeline.mining.engines) on synthetic batches shaped like the presets.
 
     python benchmarks/bench_mine.py [--quick] [--backends torch,faiss] [--mem-budget-mb 512]
 
@@ -32,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.batching import anchor_rows  # noqa: E402
-from pipeline.mining import MineParams, mine_batch  # noqa: E402
-from pipeline.shards import shard_path, write_shard  # noqa: E402
+from pipeline.mining.batching import anchor_rows  # noqa: E402
+from pipeline.mining.engines import MineParams, mine_batch  # noqa: E402
+from pipeline.mining.shards import shard_path, write_shard  # noqa: E402
 
 PARAMS = MineParams(phi0=0.55, psi0=0.20, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0)
 CASES = [  # (name, n_images, patches_per_image, n_anchors)

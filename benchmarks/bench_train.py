@@ -29,7 +29,7 @@ import torch
 
 
 def _backbone(name: str, seed: int):
-    from pipeline import backbones
+    from pipeline.data import backbones
 
     if name == "auto":
         try:
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import zarr
 
-    from pipeline.backbones import forward_tokens, input_size
-    from pipeline.batching import anchor_rows
-    from pipeline.config import TrainConfig
     from pipeline.artifacts.features import normalise
-    from pipeline.model import build_model
+    from pipeline.config import TrainConfig
+    from pipeline.data.backbones import forward_tokens, input_size
+    from pipeline.mining.batching import anchor_rows
+    from pipeline.training.model import build_model
     from stages.train import _gather, make_optimisers, train_step
 
     dev = torch.device(args.device)

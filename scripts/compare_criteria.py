@@ -31,7 +31,7 @@ Seed s (s = --seed is the first) mines `<out>/mine/<criterion>` with `--seed s`,
 clashes with a full run; training runs are `<out>/train/<criterion>[-<tag>][-seed<s>]`, trained
 with `--seed s`. Every figure is the mean ± std over all evaluations of a row (training seeds ×
 the eval's probe seeds; the frozen baseline: probe seeds only); "> 2 std" marks a difference to
-frozen larger than twice sqrt(std_a² + std_b²) (pipeline.seeds.compare).
+frozen larger than twice sqrt(std_a² + std_b²) (pipeline.evaluation.seeds.compare).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path
 from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import TrainRun
-from pipeline.seeds import Spread, compare, seed_list, spread
+from pipeline.evaluation.seeds import Spread, compare, seed_list, spread
 
 CRITERIA = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
 REPO = Path(__file__).resolve().parents[1]

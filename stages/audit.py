@@ -4,7 +4,7 @@ For one or more mined runs `<out>/mine/<name>/` made on the same batch plan and 
 first `batches` batches of plan `epoch` are audited on a seeded sample of at most
 `max_anchors` anchors per batch (the same sample for every run). Sets are recovered exactly
 from the shards; patch labels come from the feature cache (docs/method.md §8 rules, see
-pipeline/audit.py). `--sweep` mines the same sampled anchors in memory for every point of a
+pipeline/mining/audit.py). `--sweep` mines the same sampled anchors in memory for every point of a
 grid of (phi0, psi0, prop_iters, sigma_pos, sigma_amb) and audits each, so thresholds can be
 chosen for a new backbone on a small labelled training sample.
 
@@ -24,17 +24,33 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.audit import (
-    AnchorStats, anchor_stats, batch_stats, concat, fig1b_curve, format_table, parse_sweep,
-    sample_positions, subset_shard, audit_summary, sweep_points,
-)
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.mined import MinedSets, MiningPlan
-from pipeline.config import AuditConfig, MineConfig, PRESETS, parse_fraction, preset_values, to_dict
+from pipeline.cache.integrity import hold_lock, releases_locks, require_device
+from pipeline.cache.store import atomic_write_json, code_version
+from pipeline.config import (
+    PRESETS,
+    AuditConfig,
+    MineConfig,
+    parse_fraction,
+    preset_values,
+    to_dict,
+)
 from pipeline.executor import timed
-from pipeline.integrity import hold_lock, releases_locks, require_device
-from pipeline.store import atomic_write_json, code_version
+from pipeline.mining.audit import (
+    AnchorStats,
+    anchor_stats,
+    audit_summary,
+    batch_stats,
+    concat,
+    fig1b_curve,
+    format_table,
+    parse_sweep,
+    sample_positions,
+    subset_shard,
+    sweep_points,
+)
 
 log = logging.getLogger("ppap.audit")
 
@@ -106,7 +122,7 @@ def _positions(cfg: AuditConfig, batch: int, m: int) -> np.ndarray:
 
 def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedSets],
                       shard_maps: dict[str, dict[int, Path]]) -> list[PlannedBatch]:
-    from pipeline.shards import read_shard
+    from pipeline.mining.shards import read_shard
 
     common = sorted(set.intersection(*(set(shard_maps[r.name]) for r in runs)))
     if not common:
@@ -129,7 +145,7 @@ def _plan_from_shards(cfg: AuditConfig, runs: Sequence[MinedSets],
 
 def _plan_from_batching(cfg: AuditConfig, store: FeatureStore, base: MineConfig) -> list[PlannedBatch]:
     """The batches the mine stage would make with `base` (used when no mined run is given)."""
-    from pipeline.batching import anchor_rows
+    from pipeline.mining.batching import anchor_rows
 
     plan = MiningPlan.for_config(store, base)
     n_items = len(plan.items)
@@ -190,8 +206,8 @@ def collect(
     shard_maps: dict[str, dict[int, Path]], plan: Sequence[PlannedBatch], sweep: Sweep | None,
 ) -> tuple[dict[str, AnchorStats], list[AnchorStats]]:
     """Per-anchor counts of every run and every sweep point over the planned batches."""
-    from pipeline.mining import MineParams, mine_batch
-    from pipeline.shards import export_batch, read_shard
+    from pipeline.mining.engines import MineParams, mine_batch
+    from pipeline.mining.shards import export_batch, read_shard
 
     run_stats: dict[str, list[AnchorStats]] = {r.name: [] for r in runs}
     points = sweep.points if sweep else []

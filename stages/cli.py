@@ -21,8 +21,15 @@ import typer
 
 from pipeline import __version__
 from pipeline.config import (
-    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, flag_name, load_config_file, option_flags,
-    preset_values, resolve, upgrade_names,
+    DEPRECATED_NAMES,
+    PRESETS,
+    STAGE_CONFIGS,
+    flag_name,
+    load_config_file,
+    option_flags,
+    preset_values,
+    resolve,
+    upgrade_names,
 )
 
 log = logging.getLogger("ppap.cli")
@@ -217,7 +224,7 @@ def show_config(
     """Print the resolved settings of every stage: defaults <- --preset <- --config FILE."""
     import json
 
-    from pipeline import tomlout
+    from pipeline.config import tomlout
 
     if fmt not in ("toml", "json"):
         raise ValueError(f"--format {fmt!r}: choose toml or json")
@@ -275,9 +282,8 @@ app = make_app()
 
 def main() -> None:
     """Entry point: clear one-line errors for bad input, exit code 2."""
+    from pipeline.cache.integrity import disk_full, is_disk_full
     from pipeline.executor import StageInterrupted
-
-    from pipeline.integrity import disk_full, is_disk_full
 
     try:
         app()

@@ -9,7 +9,7 @@ For a trained run, `code` comes from the fine-tuned branch of one of its checkpo
 Probes measure the representation, not an optimiser: by default (`--probes refit`, and always
 for the frozen baseline) the cluster probe is a seeded spherical k-means (K = classes, restarts)
 and the linear probe a multinomial logistic regression fitted to convergence (L-BFGS on
-standardised code, pipeline.probes), both fitted on the training split's code of the model
+standardised code, pipeline.evaluation.probes), both fitted on the training split's code of the model
 being evaluated, so trained vs frozen compares representations with identical probe fitting.
 `--probes trained` uses the probes trained alongside the network instead. Both fitting paths
 read their code through a `CodeSource` (frozen feats or branch-encoded tokens).
@@ -24,8 +24,8 @@ appended with `--probes trained`): metrics.json, confusion.npz (raw matrices), c
 predictions.png, config.json, and probes.pt for fitted probes.
 
 `--probe primaps-em|eigen` replaces the cluster probe (wherever it comes from) by one fitted on
-the training split's code of the evaluated model with pipeline/primaps.py (PriMaPs-EM) or
-pipeline/eigen.py (neural eigenfunctions + k-means); it is scored through the same Hungarian
+the training split's code of the evaluated model with pipeline/mining/primaps.py (PriMaPs-EM) or
+pipeline/mining/eigen.py (neural eigenfunctions + k-means); it is scored through the same Hungarian
 path, the linear probe is unchanged, and `-<probe>` is appended to the output name. The
 default `--probe kmeans` is the spherical k-means probe.
 """
@@ -33,7 +33,6 @@ default `--probe kmeans` is the spherical k-means probe.
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import logging
 import time
@@ -44,18 +43,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as Fn
+
 from pipeline.artifacts.features import FeatureStore, normalise
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import TrainRun
+from pipeline.cache.integrity import releases_locks, require_device
+from pipeline.cache.store import code_version
 from pipeline.config import EvalConfig, to_dict
-from pipeline.crf import CRFPool, cluster_probs, softmax
+from pipeline.evaluation.crf import CRFPool, cluster_probs, softmax
+from pipeline.evaluation.metrics import (
+    Confusion,
+    cluster_scores,
+    linear_scores,
+    matched_confusion,
+)
+from pipeline.evaluation.probes import (
+    KMEANS_NITER,
+    KMEANS_NREDO,
+    fit_linear,
+    patch_histograms,
+    spherical_kmeans,
+)
+from pipeline.evaluation.seeds import format_mean_std, mean_block, seed_list
+from pipeline.evaluation.viz import colourise, palette
 from pipeline.executor import progress, timed
-from pipeline.integrity import releases_locks, require_device
-from pipeline.metrics import Confusion, cluster_scores, linear_scores, matched_confusion
-from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, fit_linear, patch_histograms, spherical_kmeans
-from pipeline.seeds import format_mean_std, mean_block, seed_list
-from pipeline.store import code_version
-from pipeline.viz import colourise, palette
 
 log = logging.getLogger("ppap.evaluate")
 
@@ -77,8 +88,8 @@ class SeedFit:
     (one fit is shared by the seeds whose seeded training subsample is the same)."""
 
     seed: int
-    cluster: Any  # pipeline.model.ClusterProbe (or pipeline.eigen.EigenClusterProbe)
-    linear: Any  # pipeline.model.LinearProbe
+    cluster: Any  # pipeline.training.model.ClusterProbe (or pipeline.mining.eigen.EigenClusterProbe)
+    linear: Any  # pipeline.training.model.LinearProbe
     info: dict[str, Any]
 
 
@@ -234,7 +245,7 @@ def _kmeans_sample(store: FeatureStore, seed: int, source: CodeSource) -> np.nda
 
 
 def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids (k, D) of the rows `x` (pipeline.probes, seeded restarts)."""
+    """Spherical k-means centroids (k, D) of the rows `x` (pipeline.evaluation.probes, seeded restarts)."""
     if len(x) < k:
         raise ValueError(f"{len(x)} training patches cannot make {k} clusters; cache more training images")
     return spherical_kmeans(x, k, seed)
@@ -242,7 +253,7 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
                      source: CodeSource | None = None, crops: np.ndarray | None = None):
-    """LinearProbe fitted to convergence on training-split code (pipeline.probes.fit_linear).
+    """LinearProbe fitted to convergence on training-split code (pipeline.evaluation.probes.fit_linear).
 
     `source` defaults to the frozen features. Rows: the patches of a seeded choice of whole
     training crops (`crops`, default `linear_crops(store, seed)`: all of them up to
@@ -250,7 +261,7 @@ def fit_linear_probe(store: FeatureStore, seed: int, device: torch.device,
     patch. The fit (on standardised code, L-BFGS) is folded back into an ordinary 1x1-conv
     LinearProbe on raw code.
     """
-    from pipeline.model import LinearProbe
+    from pipeline.training.model import LinearProbe
 
     source = source or frozen_source(store)
     g = store.split(FIT_SPLIT)
@@ -292,7 +303,7 @@ def linear_crops(store: FeatureStore, seed: int) -> np.ndarray:
 
 def _kmeans_probe(store: FeatureStore, seed: int, source: CodeSource, device: torch.device):
     """(ClusterProbe, info): spherical k-means (K = classes, restarts) of `seed`'s sample."""
-    from pipeline.model import ClusterProbe
+    from pipeline.training.model import ClusterProbe
 
     k = store.num_classes
     with timed(f"spherical k-means (seed {seed}) on {source.name}", log):
@@ -391,8 +402,8 @@ def fit_seed_probe(cfg: EvalConfig, store: FeatureStore, source: CodeSource,
     """(cluster-probe-like module, info) for --probe primaps-em | eigen, fitted on `source`
     with `seed` (default cfg.seed). `memo` keeps PriMaPs-EM's training code between seeds that
     read the same crops."""
-    from pipeline import eigen, primaps
-    from pipeline.model import ClusterProbe
+    from pipeline.mining import eigen, primaps
+    from pipeline.training.model import ClusterProbe
 
     seed = cfg.seed if seed is None else seed
     k = store.num_classes

@@ -24,10 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts.features import FeatureCacheWriter, unit_key
+from pipeline.cache.integrity import (
+    NonFinite,
+    nonfinite_rows,
+    releases_locks,
+    require_device,
+)
+from pipeline.cache.store import in_run
 from pipeline.config import FeaturesConfig, config_hash, to_dict
 from pipeline.executor import run_units
-from pipeline.integrity import NonFinite, nonfinite_rows, releases_locks, require_device
-from pipeline.store import in_run
 
 log = logging.getLogger("ppap.features")
 
@@ -56,7 +61,7 @@ def _side(cfg: FeaturesConfig, split: str) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, root: str | None, split: str, classes: str | None, seed: int, limit: int | None):
-    from pipeline.datasets import get_dataset
+    from pipeline.data.datasets import get_dataset
 
     ds = get_dataset(name, root, split, classes=classes, seed=seed)
     return ds, (len(ds) if limit is None else min(limit, len(ds)))
@@ -64,14 +69,14 @@ def _dataset(name: str, root: str | None, split: str, classes: str | None, seed:
 
 @functools.lru_cache(maxsize=2)
 def _backbone(name: str, weights: str | None, device: str, seed: int):
-    from pipeline.backbones import load_backbone
+    from pipeline.data.backbones import load_backbone
 
     return load_backbone(name, weights=weights, device=device, seed=seed)
 
 
 def _describe(cfg: FeaturesConfig) -> dict[str, Any]:
     """Identity of the cache: everything that changes its contents."""
-    from pipeline.backbones import input_size
+    from pipeline.data.backbones import input_size
 
     model, info, weights_fp = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
     splits = {}
@@ -135,8 +140,8 @@ def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
     import torch
 
-    from pipeline.backbones import forward_tokens, input_size
-    from pipeline.datasets import CorruptImage, eval_view, five_crops, patch_labels
+    from pipeline.data.backbones import forward_tokens, input_size
+    from pipeline.data.datasets import CorruptImage, eval_view, five_crops, patch_labels
 
     t0 = time.perf_counter()
     if cfg.workers > 0:  # share the cores between local worker processes

@@ -3,7 +3,7 @@
 Unit of work: one (plan, batch) of the batch plan, written as one shard plus its `.done`
 marker into the mined-set directory (pipeline.artifacts.mined.MinedSets). Which crops form a
 batch and which patches are anchors is a pure function of (seed, plan, batch, sizes)
-(MiningPlan, pipeline.batching), so a rerun, a resumed run and a dask run write bit-identical
+(MiningPlan, pipeline.mining.batching), so a rerun, a resumed run and a dask run write bit-identical
 shards. Criterion state shared by all batches (the HP reference pool, the k-means centroids,
 the PriMaPs class prototypes, the eigenfunction net) is drawn once from the training split and
 saved beside the shards.
@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import batching, eigen, mining, primaps, thresholds
 from pipeline.artifacts.features import FeatureStore, normalise
 from pipeline.artifacts.mined import MinedSets, MiningPlan
+from pipeline.cache.integrity import releases_locks, require_device
 from pipeline.config import MineConfig, to_dict
 from pipeline.executor import run_units
-from pipeline.integrity import releases_locks, require_device
+from pipeline.mining import batching, eigen, primaps, thresholds
+from pipeline.mining import engines as mining
 
 log = logging.getLogger("ppap.mine")
 
@@ -187,7 +188,7 @@ def process_batch(unit: tuple[int, int], cfg: MineConfig) -> dict[str, Any]:
 
 def _checked_thresholds(cfg: MineConfig, store: FeatureStore, plan: MiningPlan) -> MineConfig:
     """--calibrate: Φ0/Ψ0 from the first batch's cosines; then refuse (without --force) or warn
-    about thresholds that make a large share of a batch positive (pipeline.thresholds)."""
+    about thresholds that make a large share of a batch positive (pipeline.mining.thresholds)."""
     if cfg.criterion not in ("ppap", "p0"):
         return cfg
     s = thresholds.similarity_sample(store.mining_features(plan.batch_images(0, 0)), cfg.seed)

@@ -38,11 +38,21 @@ import torch.nn.functional as Fn
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import TrainRun
+from pipeline.cache.integrity import (
+    clean_orphans,
+    hold_lock,
+    releases_locks,
+    require_device,
+)
+from pipeline.cache.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_or_write_manifest,
+    code_version,
+)
 from pipeline.config import PredictConfig, to_dict
+from pipeline.evaluation.viz import colourise, palette
 from pipeline.executor import progress
-from pipeline.integrity import clean_orphans, hold_lock, releases_locks, require_device
-from pipeline.store import atomic_write_bytes, atomic_write_json, check_or_write_manifest, code_version
-from pipeline.viz import colourise, palette
 
 log = logging.getLogger("ppap.predict")
 
@@ -128,7 +138,7 @@ def _head(cfg: PredictConfig, run: TrainRun, kind: str, linear, cluster, model_m
 
 
 def _cluster_from_centroids(centroids: torch.Tensor, device: str):
-    from pipeline.model import ClusterProbe
+    from pipeline.training.model import ClusterProbe
 
     c = ClusterProbe(centroids.shape[1], centroids.shape[0], torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -137,7 +147,7 @@ def _cluster_from_centroids(centroids: torch.Tensor, device: str):
 
 
 def _linear_from_state(state: dict[str, torch.Tensor], device: str):
-    from pipeline.model import LinearProbe
+    from pipeline.training.model import LinearProbe
 
     w = state["conv.weight"]
     lin = LinearProbe(w.shape[1], w.shape[0], torch.Generator().manual_seed(0))
@@ -148,7 +158,7 @@ def _linear_from_state(state: dict[str, torch.Tensor], device: str):
 def _labels(head: Head, code: torch.Tensor, size: tuple[int, int], rgb: np.ndarray,
             crf: bool) -> np.ndarray:
     """(H', W') label ids at the working size."""
-    from pipeline.crf import cluster_probs, crf_argmax, softmax
+    from pipeline.evaluation.crf import cluster_probs, crf_argmax, softmax
 
     up = Fn.interpolate(code, size=size, mode="bilinear", align_corners=False)
     if head.kind == "cluster":
@@ -192,7 +202,7 @@ def _checkpoint_digest(path: Path) -> str:
 @releases_locks
 def run(cfg: PredictConfig) -> dict[str, Any]:
     """Label every image of `cfg.images` into `cfg.dest`; returns the summary (predict.json)."""
-    from pipeline.backbones import forward_tokens, load_backbone
+    from pipeline.data.backbones import forward_tokens, load_backbone
 
     t0 = time.perf_counter()
     require_device(cfg.device)

@@ -21,18 +21,18 @@ import numpy as np
 from pipeline.artifacts.features import FeatureStore, take_rows
 from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.mined import MinedSets
-from pipeline.audit import subset_shard
+from pipeline.cache.integrity import hold_lock, releases_locks
 from pipeline.config import ShowConfig
-from pipeline.integrity import hold_lock, releases_locks
-from pipeline.shards import recover_sets
-from pipeline.viz import colourise, palette
+from pipeline.evaluation.viz import colourise, palette
+from pipeline.mining.audit import subset_shard
+from pipeline.mining.shards import recover_sets
 
 log = logging.getLogger("ppap.show")
 
 MAX_IMAGES = 16  # images per figure (anchor's image included)
 PANELS_PER_ROW = 4  # images per figure row (each with its ground truth beside it, if any)
 PANEL_W_IN, PANEL_H_IN, HEADER_IN, DPI = 2.5, 2.7, 0.6, 100
-# magenta and pure blue: the two colours farthest from every class colour of pipeline.viz.palette
+# magenta and pure blue: the two colours farthest from every class colour of pipeline.evaluation.viz.palette
 # (RGB distance >= 130 to each of its 60 colours), so a tinted patch never reads as a class
 POS_RGBA = (1.0, 0.0, 1.0, 0.55)
 AMB_RGBA = (0.0, 0.0, 1.0, 0.55)

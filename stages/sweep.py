@@ -28,11 +28,11 @@ from typing import Any
 from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.mined import MinedSets
 from pipeline.artifacts.training import TrainRun
-from pipeline.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
+from pipeline.cache.store import atomic_write_bytes, atomic_write_json
 from pipeline.config import SweepConfig, TrainConfig, resolve, to_dict
-from pipeline.plots import sweep_png
-from pipeline.seeds import seed_list, spread
-from pipeline.store import atomic_write_bytes, atomic_write_json
+from pipeline.evaluation.plots import sweep_png
+from pipeline.evaluation.seeds import seed_list, spread
+from pipeline.mining.audit import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
 
 log = logging.getLogger("ppap.sweep")
 
@@ -184,7 +184,7 @@ def _groups(results: list[dict[str, Any]]) -> list[tuple[str, list[list[dict[str
 
 def summarise_run(records: list[dict[str, Any]], rank_floor: float) -> dict[str, Any]:
     """Best (by held-out cluster mIoU), last and label-free points of one run's records."""
-    from pipeline.selection import best_choice, labelfree_choice
+    from pipeline.training.selection import best_choice, labelfree_choice
 
     if not records:
         return {}

@@ -28,16 +28,16 @@ import torch
 from pipeline.artifacts.features import FeatureStore, normalise, take_rows
 from pipeline.artifacts.mined import MinedSets
 from pipeline.artifacts.training import TrainRun
+from pipeline.cache.integrity import NonFinite, releases_locks
+from pipeline.cache.store import code_version
 from pipeline.config import TrainConfig, to_dict
+from pipeline.evaluation.plots import curve_png
+from pipeline.evaluation.probes import code_stats, spherical_kmeans
 from pipeline.executor import StageInterrupted, progress, timed
-from pipeline.integrity import NonFinite, releases_locks
-from pipeline.loss import ppap_loss
-from pipeline.model import CKPT_FORMAT, build_model
-from pipeline.plots import curve_png
-from pipeline.probes import code_stats, spherical_kmeans
-from pipeline.shards import recover_sets
-from pipeline.selection import Holdout, best_choice, labelfree_choice
-from pipeline.store import code_version
+from pipeline.mining.shards import recover_sets
+from pipeline.training.loss import ppap_loss
+from pipeline.training.model import CKPT_FORMAT, build_model
+from pipeline.training.selection import Holdout, best_choice, labelfree_choice
 
 log = logging.getLogger("ppap.train")
 
@@ -66,7 +66,7 @@ def _gather(arr, crops: np.ndarray) -> np.ndarray:
 
 def load_frozen_backbone(manifest: dict[str, Any]):
     """The cache's backbone (for its last block + norm); refuses other weights."""
-    from pipeline.backbones import load_backbone
+    from pipeline.data.backbones import load_backbone
 
     model, info, fp = load_backbone(manifest["backbone"], weights=manifest.get("weights"),
                                     device="cpu", seed=int(manifest.get("seed") or 0))
@@ -137,7 +137,7 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
     (B, 1+h*w, D) float32 mid tokens; `labels` (B, S, S) int64 or None; `anchors`/`sets`: the
     shard's anchor rows and recovered CSR sets. Probes learn from code.detach() only; the
     gradient norm of the network is clipped to cfg.grad_clip. `erank`/`top3_share`/`mean_cos`
-    describe the batch's code before the update (pipeline.probes.code_stats).
+    describe the batch's code before the update (pipeline.evaluation.probes.code_stats).
     """
     branch, linear, cluster = models
     with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
@@ -181,7 +181,7 @@ def train_step(models, opts, tokens: torch.Tensor, labels: torch.Tensor | None, 
 def init_cluster_probe(cluster, store: FeatureStore, crops: np.ndarray, seed: int) -> int:
     """Centroids <- spherical k-means of the frozen training code (= the branch's initial code)
     on a seeded sample of at most CLUSTER_INIT_ROWS patches of `crops`; returns rows used."""
-    from pipeline.batching import sample_patches
+    from pipeline.mining.batching import sample_patches
 
     h, w = store.grid("train")
     n = min(CLUSTER_INIT_ROWS, len(crops) * h * w)
@@ -202,7 +202,13 @@ def _frozen_scores(run: TrainRun, store: FeatureStore, holdout: Holdout, branch,
     runs (TrainRun.frozen_scores, a pure cache)."""
     import hashlib
 
-    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2, LINEAR_MAX_ITER, LINEAR_TOL
+    from pipeline.evaluation.probes import (
+        KMEANS_NITER,
+        KMEANS_NREDO,
+        LINEAR_L2,
+        LINEAR_MAX_ITER,
+        LINEAR_TOL,
+    )
 
     key = hashlib.sha256(json.dumps({
         "features": store.fingerprint, "seed": seed, "code": code_version(),

@@ -10,18 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import make_folder
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.layout import FEATURES_LOCK, RunLayout
 from pipeline.artifacts.mined import MinedSets, MiningPlan
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import Checkpoint, TrainRun
-from pipeline.config import (AuditConfig, EvalConfig, FeaturesConfig, MineConfig, ShowConfig,
-                             SweepConfig, TrainConfig)
-from pipeline.integrity import CorruptArtifact, NonFinite
-from pipeline.model import CKPT_FORMAT
-
-from _fixtures import make_folder
+from pipeline.cache.integrity import CorruptArtifact, NonFinite
+from pipeline.config import (
+    AuditConfig,
+    EvalConfig,
+    FeaturesConfig,
+    MineConfig,
+    ShowConfig,
+    SweepConfig,
+    TrainConfig,
+)
+from pipeline.training.model import CKPT_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +238,7 @@ def test_truncated_records_drop_steps_past_the_resume_point(tmp_path):
 
 
 def test_eval_report_writes_metrics_last_and_leaves_nothing_stale(tmp_path):
-    from pipeline.integrity import releases_locks
+    from pipeline.cache.integrity import releases_locks
 
     report = EvalReport(tmp_path, "frozen")
     write = releases_locks(report.write)  # as inside the eval stage's run()

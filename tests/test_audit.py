@@ -9,15 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-from pipeline.audit import (
-    AnchorStats, batch_stats, concat, fig1b_curve, format_table, parse_sweep, parse_sweep_spec,
-    sample_positions, subset_batch, audit_summary, sweep_points,
-)
-from pipeline.config import AuditConfig, MineConfig, ShowConfig
-from pipeline.artifacts.features import FeatureStore
-
 from conftest import SplitSpec
+
+from pipeline.artifacts.features import FeatureStore
+from pipeline.config import AuditConfig, MineConfig, ShowConfig
+from pipeline.mining.audit import (
+    AnchorStats,
+    audit_summary,
+    batch_stats,
+    concat,
+    fig1b_curve,
+    format_table,
+    parse_sweep,
+    parse_sweep_spec,
+    sample_positions,
+    subset_batch,
+    sweep_points,
+)
 
 # ---------------------------------------------------------------------------------------------
 # A hand-computable batch: 2 images x 4 patches = 8 rows.
@@ -268,7 +276,7 @@ def test_format_table():
 
 # ---------------------------------------------------------------------------------------------
 # Stage tests on a synthetic labelled store (12 crops, 4x4 patches of 8 px, D = 16, 3 classes)
-# with real shards written by pipeline.shards.
+# with real shards written by pipeline.mining.shards.
 # ---------------------------------------------------------------------------------------------
 
 N_CROPS, GRID, PATCH, DIM, K = 12, 4, 8, 16, 3
@@ -353,7 +361,7 @@ def test_audit_stage_writes_table_json_and_plot(mined_store, tmp_path, capsys):
     assert rep["plot"] == str(tmp_path / "f.png")
 
     # oracle for p0: P = {j != i : cos > phi0} over the batch's features, brute force
-    from pipeline.shards import read_shard, shard_path
+    from pipeline.mining.shards import read_shard, shard_path
 
     store = FeatureStore(out)
     n_pos, n_tp, n_fn = [], [], []
@@ -475,7 +483,7 @@ def test_sweep_without_mined_runs_uses_the_batch_plan(mined_store, tmp_path):
 def test_show_renders_expected_pngs(mined_store, tmp_path):
     from PIL import Image
 
-    from pipeline.shards import read_shard, recover_sets, shard_path
+    from pipeline.mining.shards import read_shard, recover_sets, shard_path
     from stages import show
 
     out, pl = mined_store
@@ -499,7 +507,7 @@ def test_show_renders_expected_pngs(mined_store, tmp_path):
 
 
 def test_show_set_colours_never_read_as_a_class_colour():
-    from pipeline.viz import palette
+    from pipeline.evaluation.viz import palette
     from stages import show
 
     classes = palette(60).astype(float)

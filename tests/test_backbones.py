@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline import backbones
+from pipeline.data import backbones
 
 DINO_NAMES = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"]
 

@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.batching import (anchor_rows, batch_plan, n_anchors_per_image, sample_patches)
+from pipeline.mining.batching import (
+    anchor_rows,
+    batch_plan,
+    n_anchors_per_image,
+    sample_patches,
+)
 
 PLAN_CASES = [(1, 1), (7, 7), (10, 3), (64, 64), (100, 64), (129, 64), (1835, 64), (500, 1),
               (1000, 333)]

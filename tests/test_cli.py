@@ -16,9 +16,14 @@ import typer
 from typer.testing import CliRunner
 
 import pipeline
-
 from pipeline.config import (
-    DEPRECATED_NAMES, PRESETS, STAGE_CONFIGS, ShowConfig, flag_name, option, option_flags,
+    DEPRECATED_NAMES,
+    PRESETS,
+    STAGE_CONFIGS,
+    ShowConfig,
+    flag_name,
+    option,
+    option_flags,
 )
 from stages import cli
 

@@ -8,14 +8,22 @@ import json
 import logging
 
 import pytest
+from test_audit import make_store, mine_run
 from typer.testing import CliRunner
 
 from pipeline.config import (
-    DEPRECATED_NAMES, PRESET_TABLES, PRESETS, STAGE_CONFIGS, EvalConfig, FeaturesConfig,
-    MineConfig, TrainConfig, mine_config_dict, preset_values, resolve,
+    DEPRECATED_NAMES,
+    PRESET_TABLES,
+    PRESETS,
+    STAGE_CONFIGS,
+    EvalConfig,
+    FeaturesConfig,
+    MineConfig,
+    TrainConfig,
+    mine_config_dict,
+    preset_values,
+    resolve,
 )
-
-from test_audit import make_store, mine_run
 
 
 def test_presets_do_not_leak_between_stages():
@@ -117,9 +125,9 @@ def test_deprecated_cli_aliases(monkeypatch, tmp_path, caplog):
 def test_a_mined_run_from_before_the_rename_is_still_read(fake_cache, tmp_path, caplog):
     """config.json / manifest of an older run say `epochs`: train, audit, sweep and a rerun of
     mine read them, and its identity (fingerprint) is unchanged."""
-    from pipeline.config import AuditConfig, SweepConfig
     from pipeline.artifacts.features import FeatureStore
     from pipeline.artifacts.mined import MinedSets
+    from pipeline.config import AuditConfig, SweepConfig
     from stages import audit, mine, sweep
 
     make_store(fake_cache, tmp_path)

@@ -11,9 +11,18 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from pipeline.datasets import COCO27_CLASSES, COCO_FINE_TO_COARSE, _demo_photo, demo_mosaic
-from pipeline.datasets import (
-    DATASETS, CorruptImage, DataError, eval_view, five_crops, get_dataset, patch_labels,
+from pipeline.data.datasets import (
+    COCO27_CLASSES,
+    COCO_FINE_TO_COARSE,
+    DATASETS,
+    CorruptImage,
+    DataError,
+    _demo_photo,
+    demo_mosaic,
+    eval_view,
+    five_crops,
+    get_dataset,
+    patch_labels,
 )
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "camvid"

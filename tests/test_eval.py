@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SplitSpec
 from PIL import Image
 
-from pipeline.metrics import cluster_scores
-from pipeline.config import EvalConfig
 from pipeline.artifacts.features import FeatureStore
+from pipeline.config import EvalConfig
+from pipeline.evaluation.metrics import cluster_scores
 from stages import evaluate
-
-from conftest import SplitSpec
 
 K = 3
 PATCH = 8
@@ -26,7 +25,7 @@ BACKBONE_SEED = 3
 
 
 def _backbone():
-    from pipeline.backbones import load_backbone
+    from pipeline.data.backbones import load_backbone
 
     model, info, _ = load_backbone("vit_tiny_random", seed=BACKBONE_SEED)
     return model, info
@@ -34,7 +33,7 @@ def _backbone():
 
 def _fill(g, n, side, rng, backbone, protos, invalid=()):
     """Crops made of 2x2 blocks of patches, one class per block; features follow the class."""
-    from pipeline.backbones import feats_from_mid
+    from pipeline.data.backbones import feats_from_mid
 
     grid = side // PATCH
     half = grid // 2
@@ -154,7 +153,7 @@ def _checkpoint(path: Path, store: FeatureStore, centroids: torch.Tensor, linear
                 fingerprint: str | None = None, negate_code: bool = False) -> None:
     """A ppap-train/1 checkpoint whose branch is at initialisation (code == frozen features),
     or, with `negate_code`, whose norm is negated (code == -frozen features)."""
-    from pipeline.model import CKPT_FORMAT, build_model
+    from pipeline.training.model import CKPT_FORMAT, build_model
 
     backbone, _ = _backbone()
     manifest = dict(store.manifest)
@@ -224,14 +223,14 @@ def test_extra_clusters_stay_unmatched(store_dir, frozen_probes):
 
 
 def _random_probes(store: FeatureStore, seed: int) -> tuple[torch.Tensor, dict]:
-    from pipeline.model import LinearProbe
+    from pipeline.training.model import LinearProbe
 
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(K, store.embed_dim, generator=gen), LinearProbe(store.embed_dim, K, gen).state_dict()
 
 
 def test_fitted_probes_are_converged_and_recorded(frozen_report):
-    from pipeline.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2
+    from pipeline.evaluation.probes import KMEANS_NITER, KMEANS_NREDO, LINEAR_L2
 
     info = frozen_report["model"]
     assert frozen_report["probes"] == "refit"  # the baseline always fits its probes
@@ -313,7 +312,7 @@ def test_refuses_bad_inputs(store_dir, tmp_path):
         evaluate.run(EvalConfig(out=str(tmp_path / "empty"), baseline="frozen"))
     store = FeatureStore(out)
     c = torch.randn(K, store.embed_dim, generator=torch.Generator().manual_seed(0))
-    from pipeline.model import LinearProbe
+    from pipeline.training.model import LinearProbe
 
     lin = LinearProbe(store.embed_dim, K, torch.Generator().manual_seed(0)).state_dict()
     _checkpoint(out / "train" / "other" / "last.pt", store, c, lin, fingerprint="elsewhere")

@@ -21,15 +21,25 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _fixtures import make_folder
 
-from pipeline import shards
+from pipeline.artifacts.features import (
+    STORE_NAME,
+    FeatureStore,
+    chunk_records,
+    marker_path,
+)
+from pipeline.cache.integrity import (
+    CorruptArtifact,
+    DiskFull,
+    NonFinite,
+    RunLock,
+    RunLocked,
+)
 from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.executor import StageInterrupted
-from pipeline.artifacts.features import STORE_NAME, FeatureStore, chunk_records, marker_path
-from pipeline.integrity import CorruptArtifact, DiskFull, NonFinite, RunLock, RunLocked
+from pipeline.mining import shards
 from stages import evaluate, features, mine, train
-
-from _fixtures import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -290,7 +300,7 @@ def test_first_nonfinite_loss_stops_training_with_step_and_shard(cache, tmp_path
 
 
 def test_nan_from_the_backbone_is_not_cached(data, tmp_path, monkeypatch):
-    from pipeline import backbones
+    from pipeline.data import backbones
 
     real = backbones.forward_tokens
 
@@ -438,7 +448,7 @@ def test_truncated_checkpoint_in_train(trained, tmp_path):
 def test_checkpoint_killed_between_file_and_checksum_still_resumes(trained, tmp_path, monkeypatch):
     out = copy(trained, tmp_path)
     train.run(tcfg(out, name="k", max_steps=2))  # checkpoint at step 2
-    from pipeline import store as store_module
+    from pipeline.cache import store as store_module
 
     real = store_module.atomic_write_bytes
 
@@ -488,7 +498,7 @@ def test_second_writer_is_refused_with_pid(trained, tmp_path):
     out = copy(trained, tmp_path)
     run_dir = out / "train" / "other"
     holder = subprocess.Popen(
-        [PY, "-c", "import sys, time; from pipeline.integrity import RunLock; "
+        [PY, "-c", "import sys, time; from pipeline.cache.integrity import RunLock; "
                    f"lock = RunLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -539,7 +549,7 @@ def test_concurrent_train_processes_do_not_duplicate_metrics(trained, tmp_path):
 
 def test_disk_full_names_path_and_free_space(cache, data, tmp_path, monkeypatch, capsys):
     out = copy(cache, tmp_path)
-    from pipeline import store as store_module
+    from pipeline.cache import store as store_module
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

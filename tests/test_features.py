@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _fixtures import make_folder
 from PIL import Image
 
-from pipeline.config import FeaturesConfig
 from pipeline.artifacts.features import FeatureStore
-from pipeline.store import ManifestMismatch
+from pipeline.cache.store import ManifestMismatch
+from pipeline.config import FeaturesConfig
 from stages import features as stage
-
-from _fixtures import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +55,8 @@ def reference(folder, tmp_path_factory) -> dict:
 
 
 def test_cache_layout_and_contents(folder, tmp_path, reference):
-    from pipeline.backbones import forward_tokens, load_backbone
-    from pipeline.datasets import five_crops, get_dataset, patch_labels
+    from pipeline.data.backbones import forward_tokens, load_backbone
+    from pipeline.data.datasets import five_crops, get_dataset, patch_labels
 
     out = tmp_path / "run"
     report = stage.run(cfg_for(folder, out))

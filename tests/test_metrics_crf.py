@@ -7,8 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline import crf, metrics
-
+from pipeline.evaluation import crf, metrics
 
 # ----------------------------------------------------------------------------- metrics
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline import shards
-from pipeline.config import ExportConfig, MineConfig
-from pipeline.artifacts.features import FeatureStore
-from pipeline.store import ManifestMismatch
-from stages import export, features, mine
-
 from _fixtures import make_folder
+
+from pipeline.artifacts.features import FeatureStore
+from pipeline.cache.store import ManifestMismatch
+from pipeline.config import ExportConfig, MineConfig
+from pipeline.mining import shards
+from stages import export, features, mine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
 
 
 def dense_reference(F, anchors, phi0, psi0, T, sp, sa):
-    """docs/method.md §2 in float64, written independently of pipeline.mining."""
+    """docs/method.md §2 in float64, written independently of pipeline.mining.engines."""
     F = F.astype(np.float64)
     pos, amb = [], []
     for a in anchors:

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from pipeline.mining import (MineParams, assign_clusters, block_rows, f32_ceil, f32_floor,
-                             fit_kmeans, mine_batch)
+from pipeline.mining.engines import (
+    MineParams,
+    assign_clusters,
+    block_rows,
+    f32_ceil,
+    f32_floor,
+    fit_kmeans,
+    mine_batch,
+)
 
 EPS = 1e-5  # pairs this close to a threshold may legitimately differ (float32 vs float64)
 BACKENDS = ["torch", "faiss"]
@@ -52,7 +59,7 @@ def data():
 
 
 # ----------------------------------------------------------------------------------------
-# the float64 dense reference (independent of pipeline.mining)
+# the float64 dense reference (independent of pipeline.mining.engines)
 # ----------------------------------------------------------------------------------------
 
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from pipeline.loss import ppap_loss
-from pipeline.model import ClusterProbe, LinearProbe, build_model
-
+from pipeline.training.loss import ppap_loss
+from pipeline.training.model import ClusterProbe, LinearProbe, build_model
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -153,9 +152,9 @@ def tiny_vit(seed: int = 0, dim: int = 32, grid: int = 4):
 
 
 def tiny_backbone(seed: int = 0):
-    """pipeline.backbones' tiny random ViT if available, else a timm one of the same kind."""
+    """pipeline.data.backbones' tiny random ViT if available, else a timm one of the same kind."""
     try:
-        from pipeline.backbones import forward_tokens, load_backbone
+        from pipeline.data.backbones import forward_tokens, load_backbone
     except ImportError:
         m = tiny_vit(seed)
         def fwd(model, x):

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fixtures import make_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from stages import cli
-
-from _fixtures import make_folder
 
 
 def invoke(*argv) -> str:

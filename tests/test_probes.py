@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.probes import (
-    LINEAR_MAX_ITER, LINEAR_TOL, assign, cluster_miou, code_stats, crossfit_linear_miou,
-    fit_linear, spherical_kmeans,
+from pipeline.evaluation.probes import (
+    LINEAR_MAX_ITER,
+    LINEAR_TOL,
+    assign,
+    cluster_miou,
+    code_stats,
+    crossfit_linear_miou,
+    fit_linear,
+    spherical_kmeans,
 )
 
 

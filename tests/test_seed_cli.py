@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_eval import BACKBONE_SEED, N_TRAIN, K, make_store
 from typer.testing import CliRunner
 
-from pipeline.shards import read_shard
+from pipeline.mining.shards import read_shard
 from stages import cli
-from test_eval import BACKBONE_SEED, K, N_TRAIN, make_store
 
 
 def invoke(*argv: str) -> str:

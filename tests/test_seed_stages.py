@@ -10,14 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.config import AuditConfig, ExportConfig, MineConfig, ShowConfig, TrainConfig
-from pipeline import shards
-from pipeline.artifacts.features import FeatureStore
-from pipeline.store import ManifestMismatch
-from stages import export, mine
-
 from test_audit import GRID, K, make_store, mine_run
+
+from pipeline.artifacts.features import FeatureStore
+from pipeline.cache.store import ManifestMismatch
+from pipeline.config import (
+    AuditConfig,
+    ExportConfig,
+    MineConfig,
+    ShowConfig,
+    TrainConfig,
+)
+from pipeline.mining import shards
+from stages import export, mine
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(eigen_steps=150)
@@ -76,7 +81,7 @@ def test_audit_compares_all_six_criteria_on_the_same_anchors(store, tmp_path, ca
 
 def test_primaps_sets_follow_the_mask_pseudo_labels(store):
     """Recovered sets = rows with the same PriMaPs pseudo-label (recomputed independently)."""
-    from pipeline import primaps
+    from pipeline.mining import primaps
 
     out, _ = store
     d = out / "mine" / "primaps"
@@ -169,8 +174,9 @@ def test_cli_validates_the_new_options(store):
 @pytest.mark.parametrize("criterion", ["primaps", "eigen"])
 def test_train_runs_on_primaps_and_eigen_shards(fake_cache, tmp_path, criterion):
     """End to end on a tiny real cache: mine with the stage, then train on the shards."""
+    from test_train import N_CROPS, B, _make_cache
+
     from stages import train
-    from test_train import B, N_CROPS, _make_cache
 
     store = _make_cache(fake_cache, tmp_path)
     mine.run(MineConfig(out=str(tmp_path), criterion=criterion, batch_size=B,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pipeline import eigen, primaps, shards
-from pipeline.mining import MineParams, mine_batch
+from pipeline.mining import eigen, primaps, shards
+from pipeline.mining.engines import MineParams, mine_batch
 
 D, K, G = 32, 3, 8  # feature dim, classes, crop grid (8x8 patches)
 

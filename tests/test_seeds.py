@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from pipeline.seeds import compare, format_mean_std, mean_block, seed_list, spread
+from pipeline.evaluation.seeds import (
+    compare,
+    format_mean_std,
+    mean_block,
+    seed_list,
+    spread,
+)
 
 
 def test_seed_list_is_consecutive_and_refuses_nonsense():

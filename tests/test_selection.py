@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pipeline import batching, shards
-from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
-from pipeline.artifacts.features import FeatureStore
-from pipeline.selection import best_choice, labelfree_choice
-from stages import features, mine, train
-
 from _fixtures import make_folder
+
+from pipeline.artifacts.features import FeatureStore
+from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.mining import batching, shards
+from pipeline.training.selection import best_choice, labelfree_choice
+from stages import features, mine, train
 
 N_IMAGES, HOLDOUT = 10, 0.2  # -> 2 held-out source images
 

@@ -5,10 +5,24 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.mining import MineParams, assign_clusters, fit_kmeans, mine_batch
-from pipeline.shards import (done_path, export_batch, is_done, iter_shards, n_epochs, needs_sets,
-                             pack_float32, pack_uints, read_marker, read_shard, recover_sets, shard_path,
-                             unpack_float32, unpack_uints, write_shard)
+from pipeline.mining.engines import MineParams, assign_clusters, fit_kmeans, mine_batch
+from pipeline.mining.shards import (
+    done_path,
+    export_batch,
+    is_done,
+    iter_shards,
+    n_epochs,
+    needs_sets,
+    pack_float32,
+    pack_uints,
+    read_marker,
+    read_shard,
+    recover_sets,
+    shard_path,
+    unpack_float32,
+    unpack_uints,
+    write_shard,
+)
 
 
 def clustered_batch(seed, n_images, hw, d, k=12, spread=0.8):
@@ -137,7 +151,7 @@ def test_bytes_per_anchor_small_and_independent_of_the_ambiguous_zone(tmp_path):
 @pytest.mark.slow
 def test_bytes_per_anchor_coco_s8_shape(tmp_path):
     """COCO-Stuff S/8 preset shape: N = 64*28*28 = 50,176 patches, 3,136 anchors, D = 384, T = 2."""
-    from pipeline.batching import anchor_rows
+    from pipeline.mining.batching import anchor_rows
 
     F = clustered_batch(2, 64, 784, 384, k=27)
     anchors = anchor_rows(0, 0, 0, 64, 784, 1 / 16)

@@ -1,5 +1,5 @@
 """Mining thresholds made for another backbone are caught, and `mine --calibrate` picks them
-label-free (pipeline/thresholds.py)."""
+label-free (pipeline/mining/thresholds.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fixtures import make_folder
 
-from pipeline import thresholds
 from pipeline.artifacts.features import FeatureStore
 from pipeline.config import FeaturesConfig, MineConfig
+from pipeline.mining import thresholds
 from stages import features, mine
-
-from _fixtures import make_folder
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "camvid"
 

@@ -9,19 +9,22 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
-from pipeline import shards
-from pipeline.backbones import forward_tokens, load_backbone
-from pipeline.batching import anchor_rows, batch_plan
-from pipeline.config import TrainConfig
-from pipeline.artifacts.features import STORE_NAME, FeatureStore
-from pipeline.mining import MineParams, mine_batch
-from pipeline.artifacts.training import load_trained
-from pipeline.model import CKPT_FORMAT
-from pipeline.store import ManifestMismatch, atomic_write_json, check_or_write_manifest
-from stages import train
-
 from conftest import SplitSpec
+
+from pipeline.artifacts.features import STORE_NAME, FeatureStore
+from pipeline.artifacts.training import load_trained
+from pipeline.cache.store import (
+    ManifestMismatch,
+    atomic_write_json,
+    check_or_write_manifest,
+)
+from pipeline.config import TrainConfig
+from pipeline.data.backbones import forward_tokens, load_backbone
+from pipeline.mining import shards
+from pipeline.mining.batching import anchor_rows, batch_plan
+from pipeline.mining.engines import MineParams, mine_batch
+from pipeline.training.model import CKPT_FORMAT
+from stages import train
 
 N_CROPS, SIDE, GRID, K, B = 12, 64, 8, 3, 4  # vit_tiny_random has patch 8 -> 8x8 grid
 SEED = 0
@@ -58,7 +61,7 @@ def _make_cache(fake_cache, out, labelled=True):
 
 
 def _mine(out, store, name="ppap", plans=2, fingerprint=None):
-    """A mined-set directory (manifest + shards of `plans` batch plans) via pipeline.shards."""
+    """A mined-set directory (manifest + shards of `plans` batch plans) via pipeline.mining.shards."""
     mine_dir = out / "mine" / name
     check_or_write_manifest(mine_dir / "manifest.json", {
         "features_fingerprint": fingerprint or store.fingerprint, "criterion": "ppap",

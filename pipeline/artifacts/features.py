@@ -40,10 +40,22 @@ import zarr
 from zarr.storage import LocalStore
 
 from pipeline.artifacts.layout import FEATURES_LOCK, FEATURES_STORE, RunLayout
-from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
-                                nonfinite_rows, sha256_bytes, sha256_file)
-from pipeline.store import (
-    Markers, atomic_write_json, check_or_write_manifest, portable_config, read_json,
+from pipeline.cache.integrity import (
+    CorruptArtifact,
+    NonFinite,
+    clean_orphans,
+    disk_guard,
+    hold_lock,
+    nonfinite_rows,
+    sha256_bytes,
+    sha256_file,
+)
+from pipeline.cache.store import (
+    Markers,
+    atomic_write_json,
+    check_or_write_manifest,
+    portable_config,
+    read_json,
 )
 
 log = logging.getLogger("ppap.features")

@@ -6,7 +6,7 @@
     summary.json       anchor-weighted mean |P|, |A|, |N|, bytes per anchor, state checksums
     hp_pool.npy | kmeans_centroids.npy | primaps_prototypes.npy | eigen_state.npz
                        criterion state drawn once from the training split (+ `.sha256` for .npy)
-    shards/e{plan:03d}/b{batch:05d}.npz + .done   one batch (file format: pipeline.shards)
+    shards/e{plan:03d}/b{batch:05d}.npz + .done   one batch (file format: pipeline.mining.shards)
 
 `MiningPlan` says which crops of a cache's training split form batch b of plan e (a pure
 function of the cache's `valid`/`image_index` arrays and seed, holdout, batch size).
@@ -27,16 +27,27 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from pipeline import RELATIVE_OUT, batching, shards
+from pipeline import RELATIVE_OUT
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.layout import NamedRunDir
-from pipeline.config import MineConfig, config_hash, mine_config_dict, mined_plans
-from pipeline.integrity import (CorruptArtifact, clean_orphans, hold_lock, read_checked,
-                                sha256_bytes, write_checked)
-from pipeline.store import (
-    atomic_write_bytes, atomic_write_json, check_or_write_manifest, in_run, portable_config,
+from pipeline.cache.integrity import (
+    CorruptArtifact,
+    clean_orphans,
+    hold_lock,
+    read_checked,
+    sha256_bytes,
+    write_checked,
+)
+from pipeline.cache.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_or_write_manifest,
+    in_run,
+    portable_config,
     read_json,
 )
+from pipeline.config import MineConfig, config_hash, mine_config_dict, mined_plans
+from pipeline.mining import batching, shards
 
 log = logging.getLogger("ppap.mine")
 
@@ -327,7 +338,7 @@ class MinedSets(NamedRunDir):
 
     def write_shard(self, plan: int, batch: int, mined: Any, images: np.ndarray, criterion: str,
                     meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write one batch's shard, then its marker (pipeline.shards.write_shard)."""
+        """Write one batch's shard, then its marker (pipeline.mining.shards.write_shard)."""
         return shards.write_shard(self.shard_path(plan, batch), mined, plan, batch, images,
                                   criterion, meta=meta)
 

@@ -21,8 +21,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts.layout import NamedRunDir
-from pipeline.integrity import clean_orphans, hold_lock
-from pipeline.store import atomic_write_bytes, atomic_write_json, portable_config, read_json
+from pipeline.cache.integrity import clean_orphans, hold_lock
+from pipeline.cache.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    portable_config,
+    read_json,
+)
 
 
 class EvalReport(NamedRunDir):

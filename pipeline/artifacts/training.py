@@ -9,11 +9,11 @@
     selection.jsonl    one line per selection point on the held-out training images
     selection.json     best / label-free / frozen points of the finished run
     curve.png          held-out cluster / linear mIoU and effective rank against the step,
-                       redrawn at every selection point (pipeline.plots.curve_png)
+                       redrawn at every selection point (pipeline.evaluation.plots.curve_png)
 and `<out>/train/.frozen-holdout/<key>.json`: step-0 held-out scores shared by every run on the
 same cache, holdout and seed (a pure cache; delete it freely).
 
-Checkpoint keys (format "ppap-train/1"; modules rebuilt by `pipeline.model.modules_from_checkpoint`):
+Checkpoint keys (format "ppap-train/1"; modules rebuilt by `pipeline.training.model.modules_from_checkpoint`):
     format              "ppap-train/1"
     branch              FineTunedBranch.state_dict()  (block.*, norm.*, head.*)
     linear_probe        LinearProbe.state_dict(), or None when the cache has no labels
@@ -41,14 +41,25 @@ import torch
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.artifacts.layout import NamedRunDir
-from pipeline.config import CHECKPOINTS
-from pipeline.integrity import (CorruptArtifact, NonFinite, clean_orphans, disk_guard, hold_lock,
-                                read_checked, write_checked)
-from pipeline.model import CKPT_FORMAT, TrainedModel, modules_from_checkpoint
-from pipeline.store import (
-    atomic_write_bytes, atomic_write_json, check_or_write_manifest, in_run, portable_config,
+from pipeline.cache.integrity import (
+    CorruptArtifact,
+    NonFinite,
+    clean_orphans,
+    disk_guard,
+    hold_lock,
+    read_checked,
+    write_checked,
+)
+from pipeline.cache.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_or_write_manifest,
+    in_run,
+    portable_config,
     read_json,
 )
+from pipeline.config import CHECKPOINTS
+from pipeline.training.model import CKPT_FORMAT, TrainedModel, modules_from_checkpoint
 
 log = logging.getLogger("ppap.train")
 
@@ -99,7 +110,7 @@ class Checkpoint:
 
     def load_model(self, device: str = "cpu") -> TrainedModel:
         """(branch, linear_probe or None, cluster_probe, cfg) in eval mode (see
-        pipeline.model.modules_from_checkpoint)."""
+        pipeline.training.model.modules_from_checkpoint)."""
         ckpt = self.read("cpu", fix="retrain it (rerun `ppap-pipe train` with the same settings "
                                     "after deleting it, or into a new --name)")
         return modules_from_checkpoint(ckpt, device)

@@ -49,10 +49,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.mining import (AMB, POS, MinedBatch, SetsCSR, _same_cluster_sets,
-                             _unassigned_amb_sets, block_rows, f32_ceil, f32_floor)
-from pipeline.integrity import CorruptArtifact, sha256_bytes
-from pipeline.store import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.cache.integrity import CorruptArtifact, sha256_bytes
+from pipeline.cache.store import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.mining.engines import (
+    AMB,
+    POS,
+    MinedBatch,
+    SetsCSR,
+    _same_cluster_sets,
+    _unassigned_amb_sets,
+    block_rows,
+    f32_ceil,
+    f32_floor,
+)
 
 log = logging.getLogger("ppap.shards")
 

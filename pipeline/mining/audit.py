@@ -186,7 +186,7 @@ def subset_batch(batch: Mapping[str, Any], positions: np.ndarray) -> dict[str, A
 
 
 def subset_shard(shard: Any, positions: np.ndarray) -> Any:
-    """A pipeline.shards.Shard restricted to the anchors at `positions` (so recovering its
+    """A pipeline.mining.shards.Shard restricted to the anchors at `positions` (so recovering its
     sets costs only those anchors): anchors, proxy, thresholds and per-anchor CSR rows."""
     positions = np.asarray(positions, np.int64)
     if positions.shape[0] == len(shard.anchors) and np.array_equal(positions, np.arange(len(shard.anchors))):

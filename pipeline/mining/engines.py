@@ -30,7 +30,7 @@ hp_row_thresholds(F, pool, backend="faiss", device="cpu", mem_budget_mb=512) -> 
     c_j = max cosine of row j to the HP pool (§7); mine_batch computes it from hp_pool.
 fit_kmeans(X, k, seed, niter=20) -> (k, D) float32 spherical centroids (probes.spherical_kmeans)
 assign_clusters(F, centroids, mem_budget_mb=512) -> (N,) int64 (max cosine)
-Helpers to draw the HP pool / k-means sample live in pipeline.batching.sample_patches.
+Helpers to draw the HP pool / k-means sample live in pipeline.mining.batching.sample_patches.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class MinedBatch:
     def sets(self) -> SetsCSR:
         if not self.has_sets:
             raise ValueError("this batch was mined with keep_sets=False; mine with keep_sets=True "
-                             "or recover the sets from its shard (pipeline.shards.recover_sets)")
+                             "or recover the sets from its shard (pipeline.mining.shards.recover_sets)")
         return SetsCSR(self.pos_indptr, self.pos_indices, self.amb_indptr, self.amb_indices)
 
 
@@ -545,7 +545,7 @@ def _check_inputs(F: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.nd
     a = np.asarray(anchors)
     if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"anchors must be a non-empty 1-D integer array of rows of F, got "
-                         f"{a.dtype} shape {a.shape}; use pipeline.batching.anchor_rows")
+                         f"{a.dtype} shape {a.shape}; use pipeline.mining.batching.anchor_rows")
     if a.min() < 0 or a.max() >= F.shape[0]:
         raise ValueError(f"anchors must lie in [0, {F.shape[0]}) (rows of F); got values "
                          f"{int(a.min())}..{int(a.max())}")
@@ -674,7 +674,7 @@ def mine_batch(
     if criterion == "hp":
         if hp_pool is None:
             raise ValueError("criterion='hp' needs hp_pool (R, D) float32 unit features; draw it "
-                             "with pipeline.batching.sample_patches on the training split")
+                             "with pipeline.mining.batching.sample_patches on the training split")
         c = hp_row_thresholds(F, hp_pool, backend=backend, device=device,
                               mem_budget_mb=mem_budget_mb)
         flops += 2 * N * len(hp_pool) * D
@@ -750,7 +750,7 @@ def _max_cosine(torch, F: np.ndarray, P, dev, mem_budget_mb: float) -> np.ndarra
 
 def fit_kmeans(X: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
     """Spherical k-means centroids (k, D) float32 of unit rows X, seeded, one run (no restarts)."""
-    from pipeline.probes import spherical_kmeans
+    from pipeline.evaluation.probes import spherical_kmeans
 
     X = _check_unit_matrix("X", X)
     if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(X)):

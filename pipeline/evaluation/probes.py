@@ -2,7 +2,7 @@
 
 Everything here works on *rows*: code vectors of patches, (n, D). Used by evaluation (fitted
 probes for the frozen baseline and for trained runs) and by training-time selection on the
-held-out part of the training split (pipeline.selection).
+held-out part of the training split (pipeline.training.selection).
 
 Cluster probe: spherical k-means with K = classes (faiss, seeded, `nredo` restarts, the run with
 the best objective kept), scored after Hungarian matching.
@@ -32,7 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.metrics import Confusion, Scores, cluster_scores, confusion, linear_scores
+from pipeline.evaluation.metrics import (
+    Confusion,
+    Scores,
+    cluster_scores,
+    confusion,
+    linear_scores,
+)
 
 log = logging.getLogger("ppap.probes")
 
@@ -97,7 +103,7 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER
 
     faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept. The one
     k-means of the project: probes (evaluate, selection) and the k-means mining criterion
-    (pipeline.mining.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
+    (pipeline.mining.engines.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
     """
     import faiss
 

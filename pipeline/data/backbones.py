@@ -40,7 +40,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pipeline.store import atomic_write_bytes, file_fingerprint
+from pipeline.cache.store import atomic_write_bytes, file_fingerprint
 
 log = logging.getLogger("ppap.backbones")
 

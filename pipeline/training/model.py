@@ -41,9 +41,9 @@ def _seeded_uniform_(t: torch.Tensor, bound: float, gen: torch.Generator) -> Non
 
 
 def last_block_and_norm(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The backbone's last transformer block and final norm (pipeline.backbones when present)."""
+    """The backbone's last transformer block and final norm (pipeline.data.backbones when present)."""
     try:
-        from pipeline.backbones import last_block_and_norm as from_backbones
+        from pipeline.data.backbones import last_block_and_norm as from_backbones
     except ImportError:
         from_backbones = None
     if from_backbones is not None:
@@ -216,7 +216,7 @@ def modules_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> Traine
     """
     meta = ckpt["model"]
     dim = int(meta["embed_dim"])
-    from pipeline.backbones import load_backbone
+    from pipeline.data.backbones import load_backbone
 
     backbone = load_backbone(meta["backbone"], weights=meta.get("weights"), device="cpu",
                              seed=int(meta.get("backbone_seed") or 0)).model

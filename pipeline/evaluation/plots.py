@@ -1,6 +1,6 @@
 """Figures of held-out selection records: one run's training curve, a sweep's runs side by side.
 
-Both read selection records (`<run>/selection.jsonl`, pipeline.selection) and return PNG bytes;
+Both read selection records (`<run>/selection.jsonl`, pipeline.training.selection) and return PNG bytes;
 every figure's title names what it shows (run or sweep, mined sets, settings).
 
   curve_png(records, title, rank_floor)   three panels against the step: held-out cluster mIoU
@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.seeds import spread
+from pipeline.evaluation.seeds import spread
 
 
 def _figure(width: float, height: float):

@@ -2,7 +2,7 @@
 looking at the evaluation split.
 
 The held-out crops are the crops of whole source images that mining left out
-(`mine --holdout`, pipeline.batching.holdout_split): never mined, never trained on. At a
+(`mine --holdout`, pipeline.mining.batching.holdout_split): never mined, never trained on. At a
 selection point the branch encodes their cached mid tokens and the run is scored at patch level
 (each patch's label = the majority label of its pixels, -1 if mostly ignore):
 
@@ -14,7 +14,7 @@ selection point the branch encodes their cached mid tokens and the run is scored
   linear_miou / linear_acc    2-fold cross-fitting by source image: a linear probe fitted to
                               convergence on one half of the held-out images predicts the other
   erank, top3_share, mean_cos label-free collapse signals of the held-out code
-                              (pipeline.probes.code_stats)
+                              (pipeline.evaluation.probes.code_stats)
 
 Without labels only the label-free signals are computed. Selection rules:
 
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import probes
 from pipeline.artifacts.features import FeatureStore, take_rows
-from pipeline.seeds import seed_list, spread
+from pipeline.evaluation import probes
+from pipeline.evaluation.seeds import seed_list, spread
 
 log = logging.getLogger("ppap.selection")
 

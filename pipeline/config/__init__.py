@@ -224,7 +224,7 @@ CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
 
 def check_mine_params(phi0: float, psi0: float, prop_iters: int, sigma_pos: float,
                       sigma_amb: float) -> None:
-    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.MineParams."""
+    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.engines.MineParams."""
     for name, v in (("phi0", phi0), ("psi0", psi0)):
         if not (-1.0 <= float(v) <= 1.0):
             raise ValueError(f"{name}={v} must be a cosine in [-1, 1]")
@@ -269,7 +269,7 @@ class MineConfig:
     eigen_steps: int = option(1500, "NeuralEF training steps of the eigen criterion (1500).")
     eigen_kernel_power: float = option(1.0, "Eigen kernel affinity max(0, cos)^p (1 = Deng et al.; "
                                        "DINOv2 presets: 4).")
-    # label-free thresholds for a new backbone (pipeline/thresholds.py, docs/method.md §9.4)
+    # label-free thresholds for a new backbone (pipeline/mining/thresholds.py, docs/method.md §9.4)
     calibrate: bool = option(False, "Set phi0/psi0 from quantiles of the first batch's cosines "
                              "(--calibrate-pos / --calibrate-amb), no labels used.")
     calibrate_pos: float = option(0.99, "--calibrate: phi0 = this quantile of the cosines (0.99).")

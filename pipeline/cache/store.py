@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import FORMAT_VERSION, RELATIVE_OUT, __version__
+from pipeline.cache.errors import CorruptArtifact, disk_guard
 
 
 class ManifestMismatch(ValueError):
@@ -34,10 +35,8 @@ def file_mode() -> int:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then os.replace.
 
-    Running out of space raises integrity.DiskFull naming `path` and the free space left.
+    Running out of space raises errors.DiskFull naming `path` and the free space left.
     """
-    from pipeline.integrity import disk_guard
-
     path = Path(path)
     with disk_guard(path, len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +82,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; an empty or cut-off file raises CorruptArtifact naming it."""
-    from pipeline.integrity import CorruptArtifact
-
     path = Path(path)
     try:
         text = path.read_text()

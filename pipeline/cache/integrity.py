@@ -22,34 +22,25 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from pipeline.cache.errors import (  # noqa: F401  (the errors of these checks, named here too)
+    CorruptArtifact,
+    DiskFull,
+    NonFinite,
+    RunLocked,
+    disk_full,
+    disk_guard,
+    is_disk_full,
+)
+from pipeline.cache.store import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("ppap.integrity")
 
 LOCK_NAME = ".lock"
 SUM_SUFFIX = ".sha256"
 
-
-class CorruptArtifact(ValueError):
-    """A file a stage relies on is missing, cut off or does not match its checksum."""
-
-
-class DiskFull(ValueError):
-    """No space left (or quota exceeded) while writing a named path."""
-
-
-class RunLocked(ValueError):
-    """Another process is writing the same run directory."""
-
-
-class NonFinite(ValueError):
-    """NaN or Inf where numbers must be finite (inputs, losses, weights)."""
-
-
-# ----------------------------------------------------------------------------------- checksums
 
 
 def sha256_bytes(data) -> str:
@@ -75,8 +66,6 @@ def write_checked(path: str | Path, data: bytes) -> str:
     The sidecar is written first and also names the digest of the file being replaced, so a
     process killed between the two writes leaves a pair that still verifies (old or new file).
     """
-    from pipeline.store import atomic_write_bytes, atomic_write_json
-
     path = Path(path)
     digest = sha256_bytes(data)
     previous = None
@@ -254,49 +243,6 @@ def clean_orphans(root: str | Path, recursive: bool = True) -> int:
     if n:
         log.info("removed %d temporary file(s) left by an interrupted run under %s", n, root)
     return n
-
-
-# ----------------------------------------------------------------------------------- disk full
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def disk_full(path: str | Path, need: int | None = None) -> DiskFull:
-    """The error for a write to `path` that ran out of space, with the free space there."""
-    p = Path(path)
-    probe = p
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = _fmt_bytes(shutil.disk_usage(probe).free)
-    except OSError:
-        free = "unknown"
-    want = f" ({_fmt_bytes(need)} to write)" if need else ""
-    return DiskFull(
-        f"no space left on the device while writing {p}{want}; {free} free on the filesystem of "
-        f"{probe}. Free some space (or write to another --out), then rerun the same command: "
-        "finished work is kept")
-
-
-@contextmanager
-def disk_guard(path: str | Path, need: int | None = None) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT raised inside the block into DiskFull naming `path`."""
-    try:
-        yield
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full(getattr(exc, "filename", None) or path, need) from None
-        raise
 
 
 # ----------------------------------------------------------------------------------- devices
