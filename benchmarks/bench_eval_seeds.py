@@ -43,8 +43,8 @@ def main() -> None:
 
     from pipeline.artifacts.layout import RunLayout
     from pipeline.config import EvalConfig
+    from pipeline.evaluation import evaluate
     from pipeline.evaluation.seeds import format_mean_std
-    from stages import evaluate
 
     src = RunLayout(Path(args.out).resolve())
     if not src.features_store.is_dir():

@@ -39,10 +39,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.artifacts.layout import RunLayout
+    from pipeline.cache import build as stage
     from pipeline.config import FeaturesConfig
     from pipeline.data.backbones import forward_tokens, input_size, load_backbone
     from pipeline.data.datasets import eval_view, five_crops, get_dataset
-    from stages import features as stage
 
     model, info, _ = load_backbone(args.backbone)
     print(f"backbone {args.backbone}, dataset {args.dataset}, {args.images} images per split, "

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.data.backbones import forward_tokens, input_size
     from pipeline.mining.batching import anchor_rows
     from pipeline.training.model import build_model
-    from stages.train import _gather, make_optimisers, train_step
+    from pipeline.training.train import _gather, make_optimisers, train_step
 
     dev = torch.device(args.device)
     model, info, fp = _backbone(args.backbone, args.seed)

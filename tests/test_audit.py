@@ -12,8 +12,7 @@ import zarr
 from conftest import SplitSpec
 
 from pipeline.artifacts.features import FeatureStore
-from pipeline.config import AuditConfig, MineConfig, ShowConfig
-from pipeline.mining.audit import (
+from pipeline.audit.metrics import (
     AnchorStats,
     audit_summary,
     batch_stats,
@@ -26,6 +25,7 @@ from pipeline.mining.audit import (
     subset_batch,
     sweep_points,
 )
+from pipeline.config import AuditConfig, MineConfig, ShowConfig
 
 # ---------------------------------------------------------------------------------------------
 # A hand-computable batch: 2 images x 4 patches = 8 rows.
@@ -312,7 +312,7 @@ def make_store(fake_cache, out, labelled: bool = True, seed: int = 0) -> np.ndar
 
 def mine_run(out, name: str, criterion: str = "ppap", **kw) -> MineConfig:
     """Mine epoch 0 with the real mine stage (3 batches of 4 crops, 4 anchors per crop)."""
-    from stages import mine
+    from pipeline.mining import mine
 
     args = dict(phi0=0.8, psi0=0.5, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0, batch_size=4,
                 anchors_per_image="1/4", plans=1, seed=0, hp_pool_size=8)
@@ -339,7 +339,7 @@ RUN_KEYS = {"name", "criterion", "config", "n_pos", "tp_in_p", "tp_in_p_pooled",
 def test_audit_stage_writes_table_json_and_plot(mined_store, tmp_path, capsys):
     from PIL import Image
 
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, pl = mined_store
     cfg = AuditConfig(out=str(out), mined=("ppap", "p0", "hp"), batches=2, max_anchors=None,
@@ -384,7 +384,7 @@ def test_audit_stage_writes_table_json_and_plot(mined_store, tmp_path, capsys):
 
 
 def test_audit_default_paths_and_anchor_sample(mined_store):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, _ = mined_store
     rep = stage.run(AuditConfig(out=str(out), mined=("ppap", "p0"), batches=3, max_anchors=5, seed=3))
@@ -397,7 +397,7 @@ def test_audit_default_paths_and_anchor_sample(mined_store):
 
 
 def test_audits_of_other_sets_or_settings_never_overwrite_each_other(mined_store):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, _ = mined_store
     first = stage.run(AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=5))
@@ -415,7 +415,7 @@ def test_audits_of_other_sets_or_settings_never_overwrite_each_other(mined_store
 
 
 def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, _ = mined_store
     with pytest.raises(ValueError, match="different batches/anchors.*seed"):
@@ -436,7 +436,7 @@ def test_audit_refuses_mixed_plans_and_unknown_runs(mined_store):
 
 
 def test_audit_refuses_unlabelled_cache(fake_cache, tmp_path):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     make_store(fake_cache, tmp_path, labelled=False)
     with pytest.raises(ValueError, match="no labels"):
@@ -444,7 +444,7 @@ def test_audit_refuses_unlabelled_cache(fake_cache, tmp_path):
 
 
 def test_sweep_matches_mined_run_and_skips_invalid_points(mined_store, tmp_path, capsys):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, _ = mined_store
     cfg = AuditConfig(out=str(out), mined=("ppap",), batches=2, max_anchors=7,
@@ -468,7 +468,7 @@ def test_sweep_matches_mined_run_and_skips_invalid_points(mined_store, tmp_path,
 
 
 def test_sweep_without_mined_runs_uses_the_batch_plan(mined_store, tmp_path):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     out, _ = mined_store
     rep = stage.run(AuditConfig(out=str(out), mined=("absent",), batches=1, max_anchors=None,
@@ -483,8 +483,8 @@ def test_sweep_without_mined_runs_uses_the_batch_plan(mined_store, tmp_path):
 def test_show_renders_expected_pngs(mined_store, tmp_path):
     from PIL import Image
 
+    from pipeline.audit import show
     from pipeline.mining.shards import read_shard, recover_sets, shard_path
-    from stages import show
 
     out, pl = mined_store
     cfg = ShowConfig(out=str(out), mined="ppap", epoch=0, batch=1, anchors=(0, 5), random=1, seed=0,
@@ -507,8 +507,8 @@ def test_show_renders_expected_pngs(mined_store, tmp_path):
 
 
 def test_show_set_colours_never_read_as_a_class_colour():
+    from pipeline.audit import show
     from pipeline.evaluation.viz import palette
-    from stages import show
 
     classes = palette(60).astype(float)
     for rgba in (show.POS_RGBA, show.AMB_RGBA):
@@ -519,7 +519,7 @@ def test_show_set_colours_never_read_as_a_class_colour():
 
 
 def test_choose_images_order():
-    from stages.show import choose_images
+    from pipeline.audit.show import choose_images
 
     # hw = 4; anchor row 5 -> image 1; pos in images 0 (1), 2 (3); amb in image 3 (2)
     shown, n_pos, n_amb = choose_images(5, np.array([0, 8, 9, 10]), np.array([12, 13]), 4, 5)
@@ -529,7 +529,7 @@ def test_choose_images_order():
 
 
 def test_sweep_base_from_matching_preset(fake_cache, tmp_path):
-    from stages import audit as stage
+    from pipeline.audit import report as stage
 
     make_store(fake_cache, tmp_path)
     root = zarr.open_group(str(tmp_path / "features.zarr"), mode="r+")

@@ -127,8 +127,10 @@ def test_a_mined_run_from_before_the_rename_is_still_read(fake_cache, tmp_path, 
     mine read them, and its identity (fingerprint) is unchanged."""
     from pipeline.artifacts.features import FeatureStore
     from pipeline.artifacts.mined import MinedSets
+    from pipeline.audit import report as audit
     from pipeline.config import AuditConfig, SweepConfig
-    from stages import audit, mine, sweep
+    from pipeline.mining import mine
+    from pipeline.training import sweep
 
     make_store(fake_cache, tmp_path)
     cfg = mine_run(tmp_path, "old", plans=2)

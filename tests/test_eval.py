@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.config import EvalConfig
+from pipeline.evaluation import evaluate
 from pipeline.evaluation.metrics import cluster_scores
-from stages import evaluate
 
 K = 3
 PATCH = 8

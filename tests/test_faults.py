@@ -29,6 +29,7 @@ from pipeline.artifacts.features import (
     chunk_records,
     marker_path,
 )
+from pipeline.cache import build as features
 from pipeline.cache.integrity import (
     CorruptArtifact,
     DiskFull,
@@ -37,9 +38,10 @@ from pipeline.cache.integrity import (
     RunLocked,
 )
 from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.evaluation import evaluate
 from pipeline.executor import StageInterrupted
-from pipeline.mining import shards
-from stages import evaluate, features, mine, train
+from pipeline.mining import mine, shards
+from pipeline.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -17,9 +17,9 @@ from _fixtures import make_folder
 from PIL import Image
 
 from pipeline.artifacts.features import FeatureStore
+from pipeline.cache import build as stage
 from pipeline.cache.store import ManifestMismatch
 from pipeline.config import FeaturesConfig
-from stages import features as stage
 
 REPO = Path(__file__).resolve().parents[1]
 

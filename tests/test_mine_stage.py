@@ -12,10 +12,10 @@ import pytest
 from _fixtures import make_folder
 
 from pipeline.artifacts.features import FeatureStore
+from pipeline.cache import build as features
 from pipeline.cache.store import ManifestMismatch
 from pipeline.config import ExportConfig, MineConfig
-from pipeline.mining import shards
-from stages import export, features, mine
+from pipeline.mining import export, mine, shards
 
 REPO = Path(__file__).resolve().parents[1]
 

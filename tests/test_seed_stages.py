@@ -21,8 +21,7 @@ from pipeline.config import (
     ShowConfig,
     TrainConfig,
 )
-from pipeline.mining import shards
-from stages import export, mine
+from pipeline.mining import export, mine, shards
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(eigen_steps=150)
@@ -61,7 +60,7 @@ def test_state_is_saved_and_summarised(store):
 
 
 def test_audit_compares_all_six_criteria_on_the_same_anchors(store, tmp_path, capsys):
-    from stages import audit
+    from pipeline.audit import report as audit
 
     out, _ = store
     names = ("ppap", "p0", "hp", "kmeans", "primaps", "eigen")
@@ -141,7 +140,7 @@ def test_rerun_is_bit_identical_and_changed_settings_are_refused(store):
 
 
 def test_show_renders_primaps_sets(store, tmp_path):
-    from stages import show
+    from pipeline.audit import show
 
     out, _ = store
     paths = show.run(ShowConfig(out=str(out), mined="primaps", random=2, dest=str(tmp_path)))
@@ -176,7 +175,7 @@ def test_train_runs_on_primaps_and_eigen_shards(fake_cache, tmp_path, criterion)
     """End to end on a tiny real cache: mine with the stage, then train on the shards."""
     from test_train import N_CROPS, B, _make_cache
 
-    from stages import train
+    from pipeline.training import train
 
     store = _make_cache(fake_cache, tmp_path)
     mine.run(MineConfig(out=str(tmp_path), criterion=criterion, batch_size=B,

@@ -11,10 +11,11 @@ import torch
 from _fixtures import make_folder
 
 from pipeline.artifacts.features import FeatureStore
+from pipeline.cache import build as features
 from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
-from pipeline.mining import batching, shards
+from pipeline.mining import batching, mine, shards
+from pipeline.training import train
 from pipeline.training.selection import best_choice, labelfree_choice
-from stages import features, mine, train
 
 N_IMAGES, HOLDOUT = 10, 0.2  # -> 2 held-out source images
 
@@ -115,7 +116,7 @@ def test_training_selects_on_the_holdout_only(cache, mined):
 
 def test_eval_checkpoint_choices(cache, mined):
     from pipeline.artifacts.training import TrainRun
-    from stages import evaluate
+    from pipeline.evaluation import evaluate
 
     train.run(TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
                           select_every=2, seed=0))

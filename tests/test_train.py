@@ -23,8 +23,8 @@ from pipeline.data.backbones import forward_tokens, load_backbone
 from pipeline.mining import shards
 from pipeline.mining.batching import anchor_rows, batch_plan
 from pipeline.mining.engines import MineParams, mine_batch
+from pipeline.training import train
 from pipeline.training.model import CKPT_FORMAT
-from stages import train
 
 N_CROPS, SIDE, GRID, K, B = 12, 64, 8, 3, 4  # vit_tiny_random has patch 8 -> 8x8 grid
 SEED = 0
