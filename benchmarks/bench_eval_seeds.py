@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.artifacts.layout import RunLayout
-    from pipeline.config import EvalConfig
+    from pipeline.config.schema import EvalConfig
     from pipeline.evaluation import evaluate
     from pipeline.evaluation.seeds import format_mean_std
 

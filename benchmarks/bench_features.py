@@ -40,9 +40,10 @@ def main() -> None:
 
     from pipeline.artifacts.layout import RunLayout
     from pipeline.cache import build as stage
-    from pipeline.config import FeaturesConfig
+    from pipeline.config.schema import FeaturesConfig
     from pipeline.data.backbones import forward_tokens, input_size, load_backbone
-    from pipeline.data.datasets import eval_view, five_crops, get_dataset
+    from pipeline.data.datasets import get_dataset
+    from pipeline.data.views import eval_view, five_crops
 
     model, info, _ = load_backbone(args.backbone)
     print(f"backbone {args.backbone}, dataset {args.dataset}, {args.images} images per split, "

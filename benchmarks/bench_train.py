@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     import zarr
 
     from pipeline.artifacts.features import normalise
-    from pipeline.config import TrainConfig
+    from pipeline.config.schema import TrainConfig
     from pipeline.data.backbones import forward_tokens, input_size
     from pipeline.mining.batching import anchor_rows
     from pipeline.training.model import build_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.audit import report as _stage
-from pipeline.config import AuditConfig
+from pipeline.config.schema import AuditConfig
 
 
 def run(cfg: AuditConfig) -> Any:

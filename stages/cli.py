@@ -20,17 +20,16 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from pipeline import __version__
-from pipeline.config import (
+from pipeline.config.options import flag_name, option_flags
+from pipeline.config.presets import PRESETS
+from pipeline.config.resolve import (
     DEPRECATED_NAMES,
-    PRESETS,
-    STAGE_CONFIGS,
-    flag_name,
     load_config_file,
-    option_flags,
     preset_values,
     resolve,
     upgrade_names,
 )
+from pipeline.config.schema import STAGE_CONFIGS
 
 log = logging.getLogger("ppap.cli")
 

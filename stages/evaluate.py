@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import EvalConfig
+from pipeline.config.schema import EvalConfig
 from pipeline.evaluation import evaluate as _stage
 
 

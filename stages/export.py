@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ExportConfig
+from pipeline.config.schema import ExportConfig
 from pipeline.mining import export as _stage
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.cache import build as _stage
-from pipeline.config import FeaturesConfig
+from pipeline.config.schema import FeaturesConfig
 
 
 def run(cfg: FeaturesConfig) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import MineConfig
+from pipeline.config.schema import MineConfig
 from pipeline.mining import mine as _stage
 
 

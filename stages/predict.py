@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import PredictConfig
+from pipeline.config.schema import PredictConfig
 from pipeline.evaluation import predict as _stage
 
 

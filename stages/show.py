@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.audit import show as _stage
-from pipeline.config import ShowConfig
+from pipeline.config.schema import ShowConfig
 
 
 def run(cfg: ShowConfig) -> Any:

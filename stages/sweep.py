@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import SweepConfig
+from pipeline.config.schema import SweepConfig
 from pipeline.training import sweep as _stage
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import TrainConfig
+from pipeline.config.schema import TrainConfig
 from pipeline.training import train as _stage
 
 

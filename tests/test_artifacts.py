@@ -18,7 +18,7 @@ from pipeline.artifacts.mined import MinedSets, MiningPlan
 from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import Checkpoint, TrainRun
 from pipeline.cache.integrity import CorruptArtifact, NonFinite
-from pipeline.config import (
+from pipeline.config.schema import (
     AuditConfig,
     EvalConfig,
     FeaturesConfig,
@@ -271,7 +271,7 @@ def test_a_moved_run_directory_stays_valid(run_dir, tmp_path):
     import subprocess
     import sys
 
-    from pipeline.config import resolve
+    from pipeline.config.resolve import resolve
     from pipeline.evaluation import evaluate
     from pipeline.training import train
 

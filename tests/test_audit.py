@@ -25,7 +25,7 @@ from pipeline.audit.metrics import (
     subset_batch,
     sweep_points,
 )
-from pipeline.config import AuditConfig, MineConfig, ShowConfig
+from pipeline.config.schema import AuditConfig, MineConfig, ShowConfig
 
 # ---------------------------------------------------------------------------------------------
 # A hand-computable batch: 2 images x 4 patches = 8 rows.

@@ -16,15 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 import pipeline
-from pipeline.config import (
-    DEPRECATED_NAMES,
-    PRESETS,
-    STAGE_CONFIGS,
-    ShowConfig,
-    flag_name,
-    option,
-    option_flags,
-)
+from pipeline.config.options import flag_name, option, option_flags
+from pipeline.config.presets import PRESETS
+from pipeline.config.resolve import DEPRECATED_NAMES
+from pipeline.config.schema import STAGE_CONFIGS, ShowConfig
 from stages import cli
 
 
@@ -235,7 +230,8 @@ def test_help_shows_each_options_default():
 def test_config_prints_the_resolved_settings_and_reads_back(tmp_path):
     import tomllib
 
-    from pipeline.config import MineConfig, TrainConfig, resolve
+    from pipeline.config.resolve import resolve
+    from pipeline.config.schema import MineConfig, TrainConfig
 
     text = invoke(cli.app, "config", "--preset", "camvid")
     data = tomllib.loads(text)

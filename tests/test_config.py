@@ -11,18 +11,19 @@ import pytest
 from test_audit import make_store, mine_run
 from typer.testing import CliRunner
 
-from pipeline.config import (
+from pipeline.config.presets import PRESET_TABLES, PRESETS
+from pipeline.config.resolve import (
     DEPRECATED_NAMES,
-    PRESET_TABLES,
-    PRESETS,
+    mine_config_dict,
+    preset_values,
+    resolve,
+)
+from pipeline.config.schema import (
     STAGE_CONFIGS,
     EvalConfig,
     FeaturesConfig,
     MineConfig,
     TrainConfig,
-    mine_config_dict,
-    preset_values,
-    resolve,
 )
 
 
@@ -128,7 +129,7 @@ def test_a_mined_run_from_before_the_rename_is_still_read(fake_cache, tmp_path, 
     from pipeline.artifacts.features import FeatureStore
     from pipeline.artifacts.mined import MinedSets
     from pipeline.audit import report as audit
-    from pipeline.config import AuditConfig, SweepConfig
+    from pipeline.config.schema import AuditConfig, SweepConfig
     from pipeline.mining import mine
     from pipeline.training import sweep
 

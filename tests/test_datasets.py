@@ -11,19 +11,15 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
+from pipeline.data.base import CorruptImage, DataError
 from pipeline.data.datasets import (
     COCO27_CLASSES,
     COCO_FINE_TO_COARSE,
     DATASETS,
-    CorruptImage,
-    DataError,
-    _demo_photo,
-    demo_mosaic,
-    eval_view,
-    five_crops,
     get_dataset,
-    patch_labels,
 )
+from pipeline.data.demo import _demo_photo, demo_mosaic
+from pipeline.data.views import eval_view, five_crops, patch_labels
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "camvid"
 

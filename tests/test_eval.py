@@ -12,7 +12,7 @@ from conftest import SplitSpec
 from PIL import Image
 
 from pipeline.artifacts.features import FeatureStore
-from pipeline.config import EvalConfig
+from pipeline.config.schema import EvalConfig
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.metrics import cluster_scores
 

@@ -37,7 +37,7 @@ from pipeline.cache.integrity import (
     RunLock,
     RunLocked,
 )
-from pipeline.config import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.config.schema import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.evaluation import evaluate
 from pipeline.executor import StageInterrupted
 from pipeline.mining import mine, shards

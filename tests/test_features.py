@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.artifacts.features import FeatureStore
 from pipeline.cache import build as stage
 from pipeline.cache.store import ManifestMismatch
-from pipeline.config import FeaturesConfig
+from pipeline.config.schema import FeaturesConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,8 @@ def reference(folder, tmp_path_factory) -> dict:
 
 def test_cache_layout_and_contents(folder, tmp_path, reference):
     from pipeline.data.backbones import forward_tokens, load_backbone
-    from pipeline.data.datasets import five_crops, get_dataset, patch_labels
+    from pipeline.data.datasets import get_dataset
+    from pipeline.data.views import five_crops, patch_labels
 
     out = tmp_path / "run"
     report = stage.run(cfg_for(folder, out))

@@ -14,7 +14,7 @@ from _fixtures import make_folder
 from pipeline.artifacts.features import FeatureStore
 from pipeline.cache import build as features
 from pipeline.cache.store import ManifestMismatch
-from pipeline.config import ExportConfig, MineConfig
+from pipeline.config.schema import ExportConfig, MineConfig
 from pipeline.mining import export, mine, shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def cache(tmp_path_factory) -> Path:
     root = make_folder(tmp_path_factory.mktemp("data"), n=6, size=(64, 80))
     out = tmp_path_factory.mktemp("run")
-    from pipeline.config import FeaturesConfig
+    from pipeline.config.schema import FeaturesConfig
 
     features.run(FeaturesConfig(out=str(out), dataset="folder", data_root=str(root),
                                 backbone="vit_tiny_random", train_size=48, eval_size=48,

@@ -381,7 +381,7 @@ def test_bad_inputs_raise_with_the_fix(data):
 
 
 def test_params_from_config():
-    from pipeline.config import MineConfig
+    from pipeline.config.schema import MineConfig
 
     cfg = MineConfig(phi0=0.6, psi0=0.2, prop_iters=3, sigma_pos=3.0, sigma_amb=2.0)
     assert MineParams.from_config(cfg) == MineParams(0.6, 0.2, 3, 3.0, 2.0)
@@ -407,7 +407,7 @@ def test_cuda_matches_reference(data, backend):
 
 
 def test_mine_params_share_defaults_and_checks_with_mine_config():
-    from pipeline.config import MineConfig
+    from pipeline.config.schema import MineConfig
 
     cfg = MineConfig()
     assert MineParams() == MineParams.from_config(cfg)

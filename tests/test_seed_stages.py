@@ -14,7 +14,7 @@ from test_audit import GRID, K, make_store, mine_run
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.cache.store import ManifestMismatch
-from pipeline.config import (
+from pipeline.config.schema import (
     AuditConfig,
     ExportConfig,
     MineConfig,

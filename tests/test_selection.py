@@ -12,7 +12,8 @@ from _fixtures import make_folder
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.cache import build as features
-from pipeline.config import PRESETS, EvalConfig, FeaturesConfig, MineConfig, TrainConfig
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import EvalConfig, FeaturesConfig, MineConfig, TrainConfig
 from pipeline.mining import batching, mine, shards
 from pipeline.training import train
 from pipeline.training.selection import best_choice, labelfree_choice
@@ -223,7 +224,7 @@ def test_sweep_train_seeds_repeat_every_point_with_new_batches(cache, mined):
     assert all("±" in r for r in rows)
     assert (dest / "sweep.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="seeds=0"):
-        from pipeline.config import SweepConfig
+        from pipeline.config.schema import SweepConfig
         SweepConfig(grid=("tau=0.1",), seeds=0)
 
 

@@ -13,7 +13,7 @@ from _fixtures import make_folder
 
 from pipeline.artifacts.features import FeatureStore
 from pipeline.cache import build as features
-from pipeline.config import FeaturesConfig, MineConfig
+from pipeline.config.schema import FeaturesConfig, MineConfig
 from pipeline.mining import mine, thresholds
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "camvid"

@@ -18,7 +18,7 @@ from pipeline.cache.store import (
     atomic_write_json,
     check_or_write_manifest,
 )
-from pipeline.config import TrainConfig
+from pipeline.config.schema import TrainConfig
 from pipeline.data.backbones import forward_tokens, load_backbone
 from pipeline.mining import shards
 from pipeline.mining.batching import anchor_rows, batch_plan

@@ -46,7 +46,8 @@ from pipeline.cache.store import (
     portable_config,
     read_json,
 )
-from pipeline.config import MineConfig, config_hash, mine_config_dict, mined_plans
+from pipeline.config.resolve import config_hash, mine_config_dict, mined_plans
+from pipeline.config.schema import MineConfig
 from pipeline.mining import batching, shards
 
 log = logging.getLogger("ppap.mine")

@@ -58,7 +58,7 @@ from pipeline.cache.store import (
     portable_config,
     read_json,
 )
-from pipeline.config import CHECKPOINTS
+from pipeline.config.options import CHECKPOINTS
 from pipeline.training.model import CKPT_FORMAT, TrainedModel, modules_from_checkpoint
 
 log = logging.getLogger("ppap.train")

@@ -42,14 +42,10 @@ from pipeline.audit.metrics import (
 )
 from pipeline.cache.integrity import hold_lock, releases_locks, require_device
 from pipeline.cache.store import atomic_write_json, code_version
-from pipeline.config import (
-    PRESETS,
-    AuditConfig,
-    MineConfig,
-    parse_fraction,
-    preset_values,
-    to_dict,
-)
+from pipeline.config.options import parse_fraction
+from pipeline.config.presets import PRESETS
+from pipeline.config.resolve import preset_values, to_dict
+from pipeline.config.schema import AuditConfig, MineConfig
 from pipeline.executor import timed
 
 log = logging.getLogger("ppap.audit")

@@ -23,7 +23,7 @@ from pipeline.artifacts.layout import RunLayout
 from pipeline.artifacts.mined import MinedSets
 from pipeline.audit.metrics import subset_shard
 from pipeline.cache.integrity import hold_lock, releases_locks
-from pipeline.config import ShowConfig
+from pipeline.config.schema import ShowConfig
 from pipeline.evaluation.viz import colourise, palette
 from pipeline.mining.shards import recover_sets
 

@@ -31,7 +31,8 @@ from pipeline.cache.integrity import (
     require_device,
 )
 from pipeline.cache.store import in_run
-from pipeline.config import FeaturesConfig, config_hash, to_dict
+from pipeline.config.resolve import config_hash, to_dict
+from pipeline.config.schema import FeaturesConfig
 from pipeline.executor import run_units
 
 log = logging.getLogger("ppap.features")
@@ -141,7 +142,8 @@ def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     import torch
 
     from pipeline.data.backbones import forward_tokens, input_size
-    from pipeline.data.datasets import CorruptImage, eval_view, five_crops, patch_labels
+    from pipeline.data.base import CorruptImage
+    from pipeline.data.views import eval_view, five_crops, patch_labels
 
     t0 = time.perf_counter()
     if cfg.workers > 0:  # share the cores between local worker processes

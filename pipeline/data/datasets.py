@@ -1,4 +1,7 @@
-"""Datasets by name, the crop protocol (docs/method.md §5) and per-patch majority labels (§8).
+"""Datasets by name (`get_dataset`): where each one's files lie and how its labels map.
+
+The crop protocol and patch labels are in `data/views.py`, the shared base in `data/base.py`,
+the file-free demo in `data/demo.py`.
 
 Every dataset yields `Sample(image_id, rgb uint8 (H, W, 3), label int64 (H, W) | None)` with
 ignore = -1. Layouts under `root`:
@@ -23,12 +26,6 @@ ignore = -1. Layouts under `root`:
   each region cut from one of six photographs bundled inside scikit-image (read from the package
   folder, never fetched); a region's class is its source photo.
 
-Crops: a view is always "the centred square of the shorter side of a box, resized to size x
-size". That is the same picture as "resize the shorter side to `size`, then centre-crop" (up to
-sub-pixel rounding of the centre offset) and makes the returned box exact. Images are resized
-with PIL's bilinear filter (antialiased when shrinking, as torchvision's PIL path does); labels
-with nearest neighbour, so a view never contains a label value absent from its source box.
-
 Errors: `DataError` (a ValueError) names the file or folder and the fix; an image or label file
 that cannot be decoded raises `CorruptImage` (a DataError) from `load`, which the features stage
 skips and reports.
@@ -36,38 +33,33 @@ skips and reports.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+
+from pipeline.data.base import (
+    IGNORE,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    CorruptImage,
+    DataError,
+    Dataset,
+    _apply_lut,
+    _check_same_size,
+    _missing_check,
+    _read_label_png,
+    _read_list,
+    _read_rgb,
+    _resolve_root,
+)
+from pipeline.data.demo import Demo
 
 log = logging.getLogger("ppap.datasets")
 
 DATASETS = ("cocostuff27", "cityscapes", "potsdam", "camvid", "folder", "demo")
-SPLITS = ("train", "val")
-IGNORE = -1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """A dataset is missing, malformed or inconsistent; the message names the file and the fix."""
-
-
-class CorruptImage(DataError):
-    """One image (or its label file) cannot be decoded; callers may skip it and report."""
-
-
-@dataclass
-class Sample:
-    image_id: str
-    rgb: np.ndarray  # (H, W, 3) uint8
-    label: np.ndarray | None  # (H, W) int64, ignore = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,159 +67,9 @@ class Sample:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"image file {path} is missing; restore it or remove it from the split")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptImage(
-            f"cannot decode image {path} ({exc}); re-download or re-encode it, or remove it "
-            "from the split"
-        ) from None
-
-
-def _read_label_png(path: Path) -> np.ndarray:
-    """Raw single-channel label values (uint8/uint16/int32) of a PNG."""
-    if not path.is_file():
-        raise DataError(f"label file {path} is missing; restore it or remove the image from the split")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptImage(
-            f"cannot decode label {path} ({exc}); re-create it or remove the image from the split"
-        ) from None
-    if arr.ndim != 2:
-        raise DataError(
-            f"label {path} has mode {mode!r} with {arr.shape[-1]} channels; labels must be "
-            "single-channel PNGs of class indices (mode L, P or I), not colour-coded images"
-        )
-    return arr
-
-
-def _check_same_size(rgb: np.ndarray, label: np.ndarray, image_path: Any, label_path: Any) -> None:
-    if label.shape != rgb.shape[:2]:
-        raise DataError(
-            f"label {label_path} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-            f"{image_path} is {rgb.shape[1]}x{rgb.shape[0]}; labels must have the image's size "
-            "(re-create the label or remove the image from the split)"
-        )
-
-
-def _apply_lut(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Map raw label values through `lut` (int64, length 256); values outside it -> ignore."""
-    raw = np.asarray(raw)
-    if raw.dtype == np.uint8:
-        return lut[raw]
-    out = np.full(raw.shape, IGNORE, np.int64)
-    ok = (raw >= 0) & (raw < len(lut))
-    out[ok] = lut[raw[ok].astype(np.int64)]
-    return out
-
-
-def _read_list(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"split list {path} is missing; {what}")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def _sha(items: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
-
-
-def _resolve_root(name: str, root: str | os.PathLike | None) -> Path:
-    if root is None or str(root) == "":
-        raise DataError(f"dataset {name!r} needs a root folder; pass data_root=<folder> (--data-root)")
-    path = Path(root).expanduser().resolve()
-    if not path.is_dir():
-        raise DataError(f"data root {path} for dataset {name!r} does not exist or is not a folder; "
-                        "pass the folder that holds the dataset")
-    return path
-
-
-def _missing_check(paths: Sequence[Path], what: str) -> None:
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:3])
-        raise DataError(
-            f"{len(missing)} {what} file(s) listed in the split are missing (e.g. {shown}); "
-            "restore them or remove their ids from the split list"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------
-
-
-class Dataset:
-    """A split of a dataset: `len`, `image_id(i)`, `load(i) -> Sample`, `describe()`."""
-
-    name: str = ""
-    split: str = ""
-    num_classes: int = 0
-    class_names: list[str]
-    has_labels: bool = False
-    root: Path | None = None
-
-    def __init__(self, split: str, root: Path | None, ids: list[str], class_names: list[str],
-                 has_labels: bool):
-        self.split = split
-        self.root = root
-        self._ids = ids
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.has_labels = has_labels
-        if not ids:
-            where = root if root is not None else self.name
-            raise DataError(f"dataset {self.name!r} split {split!r} at {where} is empty; "
-                            "check the split list / image folder")
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def image_id(self, i: int) -> str:
-        return self._ids[self._index(i)]
-
-    def _index(self, i: int) -> int:
-        n = len(self._ids)
-        if not -n <= int(i) < n:
-            raise IndexError(f"index {i} out of range for {self.name}/{self.split} with {n} images")
-        return int(i) % n
-
-    def load(self, i: int) -> Sample:
-        i = self._index(i)
-        rgb, label = self._load(i)
-        if label is not None:
-            label = label.astype(np.int64, copy=False)
-        return Sample(self._ids[i], rgb, label)
-
-    __getitem__ = load
-
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able identity of this split (what a cache made from it depends on)."""
-        return {
-            "name": self.name,
-            "split": self.split,
-            "root": str(self.root) if self.root is not None else None,
-            "n": len(self),
-            "ids_sha256": _sha(sorted(self._ids)),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names),
-            "has_labels": self.has_labels,
-        }
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}/{self.split} n={len(self)} root={self.root}>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,132 +377,6 @@ class Folder(Dataset):
 # Demo: mosaics of scikit-image's bundled photographs
 # ---------------------------------------------------------------------------------------------
 
-# (class name, file inside skimage/data): colour photos shipped in the scikit-image wheel itself
-DEMO_PHOTOS = (
-    ("astronaut", "astronaut.png"),
-    ("cat", "chelsea.png"),
-    ("coffee", "coffee.png"),
-    ("rocket", "rocket.jpg"),
-    ("motorcycle", "motorcycle_left.png"),
-    ("microscopy", "ihc.png"),
-)
-DEMO_SIZE = (480, 360)  # width, height
-DEMO_COUNTS = {"train": 48, "val": 16}
-_DEMO_MARGIN = 1.3  # photos are scaled to cover this multiple of the canvas, for random offsets
-
-
-def _skimage_data_dir() -> Path:
-    try:
-        import skimage
-    except ImportError:  # pragma: no cover - scikit-image is a declared dependency
-        raise DataError("the demo dataset needs scikit-image (pip install scikit-image)") from None
-    return Path(skimage.__file__).resolve().parent / "data"
-
-
-@functools.lru_cache(maxsize=len(DEMO_PHOTOS))
-def _demo_photo(k: int) -> np.ndarray:
-    """Photo k, resized (bicubic) so that it covers `_DEMO_MARGIN` x the canvas; read-only."""
-    path = _skimage_data_dir() / DEMO_PHOTOS[k][1]
-    if not path.is_file():
-        raise DataError(f"bundled photo {path} is missing from the scikit-image install; "
-                        "reinstall scikit-image (the demo never downloads)")
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = _DEMO_MARGIN * max(DEMO_SIZE[0] / w, DEMO_SIZE[1] / h)
-        im = im.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8)
-    arr.setflags(write=False)
-    return arr
-
-
-def _demo_regions(rng: np.random.Generator, k: int, width: int, height: int) -> np.ndarray:
-    """(H, W) region index in 0..k-1, every region non-empty.
-
-    Half the mosaics are guillotine cuts into rectangles; the others a power diagram of k
-    well-separated centres on sinusoidally warped coordinates (irregular curved borders).
-    """
-    if rng.random() < 0.5:
-        boxes = [(0, 0, width, height)]
-        while len(boxes) < k:
-            j = max(range(len(boxes)), key=lambda b: (boxes[b][2] - boxes[b][0]) * (boxes[b][3] - boxes[b][1]))
-            x0, y0, x1, y1 = boxes.pop(j)
-            t = rng.uniform(0.3, 0.7)
-            if (x1 - x0) >= (y1 - y0):
-                xm = x0 + int(round(t * (x1 - x0)))
-                boxes += [(x0, y0, xm, y1), (xm, y0, x1, y1)]
-            else:
-                ym = y0 + int(round(t * (y1 - y0)))
-                boxes += [(x0, y0, x1, ym), (x0, ym, x1, y1)]
-        order = rng.permutation(k)
-        regions = np.empty((height, width), np.int64)
-        for r, (x0, y0, x1, y1) in zip(order, boxes):
-            regions[y0:y1, x0:x1] = r
-        return regions
-    min_sep = 0.35 * min(width, height)
-    for _ in range(100):
-        centres = rng.uniform([0.1 * width, 0.1 * height], [0.9 * width, 0.9 * height], size=(k, 2))
-        d = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(k) * 1e9
-        if d.min() >= min_sep:
-            break
-    weights = rng.uniform(0.0, 0.15 * min_sep**2, size=k)
-    amp = rng.uniform(10, 35, size=2)
-    freq = rng.uniform(1.0, 3.0, size=2) * 2 * np.pi
-    phase = rng.uniform(0, 2 * np.pi, size=2)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    xw = x + amp[0] * np.sin(freq[0] * y / height + phase[0])
-    yw = y + amp[1] * np.sin(freq[1] * x / width + phase[1])
-    dist = (xw[None] - centres[:, 0, None, None]) ** 2 + (yw[None] - centres[:, 1, None, None]) ** 2
-    regions = np.argmin(dist - weights[:, None, None], axis=0)
-    # a centre always owns its own neighbourhood unless warping stole it; make sure none is empty
-    for r in range(k):
-        if not (regions == r).any():
-            cx, cy = centres[r].astype(int)
-            regions[max(0, cy - 20): cy + 20, max(0, cx - 20): cx + 20] = r
-    return regions
-
-
-def demo_mosaic(seed: int, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mosaic i of a split: (rgb (360, 480, 3) uint8, label (360, 480) int64). Pure in its args."""
-    width, height = DEMO_SIZE
-    rng = np.random.default_rng([int(seed), SPLITS.index(split), int(i)])
-    k = int(rng.integers(2, 5))
-    photos = rng.choice(len(DEMO_PHOTOS), size=k, replace=False)
-    regions = _demo_regions(rng, k, width, height)
-    rgb = np.empty((height, width, 3), np.uint8)
-    label = np.empty((height, width), np.int64)
-    for r, p in enumerate(photos):
-        src = _demo_photo(int(p))
-        oy = int(rng.integers(0, src.shape[0] - height + 1))
-        ox = int(rng.integers(0, src.shape[1] - width + 1))
-        patch = src[oy: oy + height, ox: ox + width]
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-        mask = regions == r
-        rgb[mask] = patch[mask]
-        label[mask] = int(p)
-    return rgb, label
-
-
-class Demo(Dataset):
-    name = "demo"
-
-    def __init__(self, split: str, seed: int):
-        self.seed = int(seed)
-        n = DEMO_COUNTS[split]
-        super().__init__(split, None, [f"demo-{split}-{seed}-{i:04d}" for i in range(n)],
-                         [c for c, _ in DEMO_PHOTOS], True)
-
-    def _load(self, i):
-        return demo_mosaic(self.seed, self.split, i)
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["seed"] = self.seed
-        d["size"] = list(DEMO_SIZE)
-        d["photos"] = [f for _, f in DEMO_PHOTOS]
-        return d
-
 
 # ---------------------------------------------------------------------------------------------
 # Factory
@@ -697,107 +413,7 @@ def get_dataset(name: str, root: str | os.PathLike | None, split: str, classes: 
 # Views (docs/method.md §5)
 # ---------------------------------------------------------------------------------------------
 
-Box = tuple[int, int, int, int]
-
-
-def _check_pair(rgb: np.ndarray, label: np.ndarray | None) -> None:
-    if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
-        desc = f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
-        raise ValueError(f"rgb must be a uint8 (H, W, 3) array, got {desc}")
-    if label is not None and np.shape(label) != rgb.shape[:2]:
-        raise ValueError(f"label shape {np.shape(label)} differs from the image's {rgb.shape[:2]}; "
-                         "pass the label that belongs to this image")
-
-
-def _square_view(rgb: np.ndarray, label: np.ndarray | None, box: Box, size: int):
-    """Centred square (side = shorter side) of `box`, resized to size x size."""
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    m = min(w, h)
-    if m < 1:
-        raise ValueError(f"crop box {box} is empty; the image ({rgb.shape[1]}x{rgb.shape[0]}) is too small")
-    sx, sy = x0 + (w - m) // 2, y0 + (h - m) // 2
-    sq = (sx, sy, sx + m, sy + m)
-    # crop first: PIL's resize(box=...) would also read pixels just outside the box
-    img = Image.fromarray(rgb[sy: sy + m, sx: sx + m]).resize((size, size), Image.Resampling.BILINEAR)
-    out_label = None
-    if label is not None:
-        idx = np.minimum(((np.arange(size) + 0.5) * (m / size)).astype(np.int64), m - 1)
-        out_label = np.asarray(label)[sy + idx[:, None], sx + idx[None, :]]
-    return np.asarray(img, dtype=np.uint8), out_label, sq
-
-
-def _check_size(size: int) -> int:
-    if int(size) != size or size < 1:
-        raise ValueError(f"size={size!r} must be a positive integer (pixels)")
-    return int(size)
-
-
-def five_crops(rgb: np.ndarray, label: np.ndarray | None, size: int = 224
-               ) -> list[tuple[np.ndarray, np.ndarray | None, Box]]:
-    """Training views: top-left, top-right, bottom-left, bottom-right, centre crops at half the
-    image's height and width, each as the centred `size` x `size` square of its shorter side.
-
-    Returns [(rgb (size, size, 3) uint8, label (size, size) | None, (x0, y0, x1, y1))]; the box
-    is the exact source region that the view shows.
-    """
-    size = _check_size(size)
-    _check_pair(rgb, label)
-    H, W = rgb.shape[:2]
-    h, w = H // 2, W // 2
-    if h < 1 or w < 1:
-        raise ValueError(f"image of {W}x{H} pixels is too small for five crops (needs 2x2 at least)")
-    cy, cx = int(round((H - h) / 2.0)), int(round((W - w) / 2.0))
-    boxes = [(0, 0, w, h), (W - w, 0, W, h), (0, H - h, w, H), (W - w, H - h, W, H),
-             (cx, cy, cx + w, cy + h)]
-    return [_square_view(rgb, label, b, size) for b in boxes]
-
-
-def eval_view(rgb: np.ndarray, label: np.ndarray | None, size: int = 320
-              ) -> tuple[np.ndarray, np.ndarray | None, Box]:
-    """Evaluation view: the whole image's centred square of its shorter side, resized to size."""
-    size = _check_size(size)
-    _check_pair(rgb, label)
-    H, W = rgb.shape[:2]
-    return _square_view(rgb, label, (0, 0, W, H), size)
-
 
 # ---------------------------------------------------------------------------------------------
 # Patch labels (docs/method.md §8)
 # ---------------------------------------------------------------------------------------------
-
-
-def patch_labels(label: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Majority label per patch of a `grid` = (h, w) split of `label` (..., H, W) -> (..., h, w) int16.
-
-    Pixel (y, x) belongs to patch (floor(y*h/H), floor(x*w/W)). A patch is -1 when more than
-    half of its pixels are ignore (< 0); otherwise it takes its most frequent valid label, the
-    smallest one on ties. One leading batch dimension is accepted.
-    """
-    lab = np.asarray(label)
-    if lab.ndim not in (2, 3):
-        raise ValueError(f"label must be (H, W) or (N, H, W), got shape {lab.shape}")
-    gh, gw = (int(g) for g in grid)
-    H, W = lab.shape[-2:]
-    if not (1 <= gh <= H and 1 <= gw <= W):
-        raise ValueError(f"grid {tuple(grid)} must be positive and no larger than the label's {H}x{W}")
-    batch = lab.shape[0] if lab.ndim == 3 else 1
-    lab = lab.reshape(batch, H, W).astype(np.int64, copy=False)
-    py = (np.arange(H) * gh) // H
-    px = (np.arange(W) * gw) // W
-    cell = (py[:, None] * gw + px[None, :])  # (H, W) patch index
-    n_cells = gh * gw
-    pid = (np.arange(batch)[:, None, None] * n_cells + cell[None]).ravel()  # global patch id
-    flat = lab.ravel()
-    valid = flat >= 0
-    k = int(flat.max()) + 1 if valid.any() else 1
-    counts = np.bincount(pid[valid] * k + flat[valid], minlength=batch * n_cells * k)
-    counts = counts.reshape(batch * n_cells, k)
-    n_valid = counts.sum(axis=1)
-    n_total = np.bincount(cell.ravel(), minlength=n_cells)  # same for every batch item
-    n_total = np.tile(n_total, batch)
-    out = counts.argmax(axis=1)  # first maximum = smallest label on ties
-    mostly_ignore = 2 * (n_total - n_valid) > n_total
-    out = np.where(mostly_ignore | (n_valid == 0), IGNORE, out).astype(np.int16)
-    shape = (batch, gh, gw) if np.ndim(label) == 3 else (gh, gw)
-    return out.reshape(shape)

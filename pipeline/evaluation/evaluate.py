@@ -49,7 +49,8 @@ from pipeline.artifacts.reports import EvalReport
 from pipeline.artifacts.training import TrainRun
 from pipeline.cache.integrity import releases_locks, require_device
 from pipeline.cache.store import code_version
-from pipeline.config import EvalConfig, to_dict
+from pipeline.config.resolve import to_dict
+from pipeline.config.schema import EvalConfig
 from pipeline.evaluation.crf import CRFPool, cluster_probs, softmax
 from pipeline.evaluation.metrics import (
     Confusion,

@@ -50,7 +50,8 @@ from pipeline.cache.store import (
     check_or_write_manifest,
     code_version,
 )
-from pipeline.config import PredictConfig, to_dict
+from pipeline.config.resolve import to_dict
+from pipeline.config.schema import PredictConfig
 from pipeline.evaluation.viz import colourise, palette
 from pipeline.executor import progress
 

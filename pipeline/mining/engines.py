@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import CRITERIA, MineConfig, check_mine_params
+from pipeline.config.options import CRITERIA, check_mine_params
+from pipeline.config.schema import MineConfig
 
 log = logging.getLogger("ppap.mining")
 

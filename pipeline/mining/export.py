@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.artifacts.features import FeatureStore, take_rows
 from pipeline.artifacts.mined import MinedSets
 from pipeline.cache.store import atomic_write_bytes
-from pipeline.config import ExportConfig
+from pipeline.config.schema import ExportConfig
 from pipeline.mining.shards import export_batch
 
 log = logging.getLogger("ppap.export")

@@ -29,7 +29,8 @@ import numpy as np
 from pipeline.artifacts.features import FeatureStore, normalise
 from pipeline.artifacts.mined import MinedSets, MiningPlan
 from pipeline.cache.integrity import releases_locks, require_device
-from pipeline.config import MineConfig, to_dict
+from pipeline.config.resolve import to_dict
+from pipeline.config.schema import MineConfig
 from pipeline.executor import run_units
 from pipeline.mining import batching, eigen, primaps, thresholds
 from pipeline.mining import engines as mining

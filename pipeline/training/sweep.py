@@ -30,7 +30,8 @@ from pipeline.artifacts.mined import MinedSets
 from pipeline.artifacts.training import TrainRun
 from pipeline.audit.metrics import SWEEP_MINE_PARAMS, parse_sweep, sweep_points
 from pipeline.cache.store import atomic_write_bytes, atomic_write_json
-from pipeline.config import SweepConfig, TrainConfig, resolve, to_dict
+from pipeline.config.resolve import resolve, to_dict
+from pipeline.config.schema import SweepConfig, TrainConfig
 from pipeline.evaluation.plots import sweep_png
 from pipeline.evaluation.seeds import seed_list, spread
 

@@ -30,7 +30,8 @@ from pipeline.artifacts.mined import MinedSets
 from pipeline.artifacts.training import TrainRun
 from pipeline.cache.integrity import NonFinite, releases_locks
 from pipeline.cache.store import code_version
-from pipeline.config import TrainConfig, to_dict
+from pipeline.config.resolve import to_dict
+from pipeline.config.schema import TrainConfig
 from pipeline.evaluation.plots import curve_png
 from pipeline.evaluation.probes import code_stats, spherical_kmeans
 from pipeline.executor import StageInterrupted, progress, timed
