@@ -32,8 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.mining.batch import mine_batch
 from pipeline.mining.batching import anchor_rows  # noqa: E402
-from pipeline.mining.engines import MineParams, mine_batch  # noqa: E402
+from pipeline.mining.sets import MineParams
 from pipeline.mining.shards import shard_path, write_shard  # noqa: E402
 
 PARAMS = MineParams(phi0=0.55, psi0=0.20, prop_iters=2, sigma_pos=3.0, sigma_amb=3.0)

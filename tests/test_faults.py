@@ -450,7 +450,7 @@ def test_truncated_checkpoint_in_train(trained, tmp_path):
 def test_checkpoint_killed_between_file_and_checksum_still_resumes(trained, tmp_path, monkeypatch):
     out = copy(trained, tmp_path)
     train.run(tcfg(out, name="k", max_steps=2))  # checkpoint at step 2
-    from pipeline.cache import store as store_module
+    from pipeline.cache import integrity as store_module  # write_checked's own binding
 
     real = store_module.atomic_write_bytes
 

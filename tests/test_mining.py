@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.mining.engines import (
-    MineParams,
-    assign_clusters,
-    block_rows,
-    f32_ceil,
-    f32_floor,
-    fit_kmeans,
-    mine_batch,
-)
+from pipeline.mining.batch import block_rows, mine_batch
+from pipeline.mining.criteria import assign_clusters, fit_kmeans
+from pipeline.mining.sets import MineParams, f32_ceil, f32_floor
 
 EPS = 1e-5  # pairs this close to a threshold may legitimately differ (float32 vs float64)
 BACKENDS = ["torch", "faiss"]

@@ -9,7 +9,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pipeline.mining import eigen, primaps, shards
-from pipeline.mining.engines import MineParams, mine_batch
+from pipeline.mining.batch import mine_batch
+from pipeline.mining.sets import MineParams
 
 D, K, G = 32, 3, 8  # feature dim, classes, crop grid (8x8 patches)
 

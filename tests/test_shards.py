@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.mining.engines import MineParams, assign_clusters, fit_kmeans, mine_batch
+from pipeline.mining.batch import mine_batch
+from pipeline.mining.criteria import assign_clusters, fit_kmeans
+from pipeline.mining.sets import MineParams
 from pipeline.mining.shards import (
     done_path,
     export_batch,

@@ -21,8 +21,9 @@ from pipeline.cache.store import (
 from pipeline.config.schema import TrainConfig
 from pipeline.data.backbones import forward_tokens, load_backbone
 from pipeline.mining import shards
+from pipeline.mining.batch import mine_batch
 from pipeline.mining.batching import anchor_rows, batch_plan
-from pipeline.mining.engines import MineParams, mine_batch
+from pipeline.mining.sets import MineParams
 from pipeline.training import train
 from pipeline.training.model import CKPT_FORMAT
 

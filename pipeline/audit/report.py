@@ -202,7 +202,8 @@ def collect(
     shard_maps: dict[str, dict[int, Path]], plan: Sequence[PlannedBatch], sweep: Sweep | None,
 ) -> tuple[dict[str, AnchorStats], list[AnchorStats]]:
     """Per-anchor counts of every run and every sweep point over the planned batches."""
-    from pipeline.mining.engines import MineParams, mine_batch
+    from pipeline.mining.batch import mine_batch
+    from pipeline.mining.sets import MineParams
     from pipeline.mining.shards import export_batch, read_shard
 
     run_stats: dict[str, list[AnchorStats]] = {r.name: [] for r in runs}

@@ -32,8 +32,9 @@ from pipeline.cache.integrity import releases_locks, require_device
 from pipeline.config.resolve import to_dict
 from pipeline.config.schema import MineConfig
 from pipeline.executor import run_units
-from pipeline.mining import batching, eigen, primaps, thresholds
-from pipeline.mining import engines as mining
+from pipeline.mining import batching, criteria, eigen, primaps, thresholds
+from pipeline.mining.batch import mine_batch
+from pipeline.mining.sets import MineParams
 
 log = logging.getLogger("ppap.mine")
 
@@ -127,7 +128,7 @@ def criterion_state(cfg: MineConfig, store: FeatureStore, sets: MinedSets,
     if crit in ("kmeans", "primaps"):
         # primaps: the class prototypes whose majority labels the masks (= the kmeans centroids)
         if not sets.state_ok(crit, repair):
-            sets.save_state_array(crit, mining.fit_kmeans(sample(), _kmeans_k(cfg, store), cfg.seed))
+            sets.save_state_array(crit, criteria.fit_kmeans(sample(), _kmeans_k(cfg, store), cfg.seed))
         return {"centroids": sets.load_state_array(crit)}
     if crit == "eigen":
         load = eigen.EigenClusters.from_npz
@@ -147,7 +148,7 @@ def cluster_labels(cfg: MineConfig, state: dict[str, Any], F: np.ndarray,
                    patches_per_crop: int) -> np.ndarray | None:
     """The label of every row of F for the cluster criteria (-1 = unassigned), else None."""
     if cfg.criterion == "kmeans":
-        return mining.assign_clusters(F, state["centroids"], mem_budget_mb=cfg.mem_budget_mb)
+        return criteria.assign_clusters(F, state["centroids"], mem_budget_mb=cfg.mem_budget_mb)
     if cfg.criterion == "primaps":
         return primaps.pseudo_labels(F, patches_per_crop, state["centroids"], cfg.primaps_psi,
                                      cfg.primaps_coverage)
@@ -178,8 +179,8 @@ def process_batch(unit: tuple[int, int], cfg: MineConfig) -> dict[str, Any]:
     anchors = batching.anchor_rows(cfg.seed, plan, batch, len(images), h * w, cfg.anchor_fraction)
     state = criterion_state(cfg, store, sets)
     cluster_of = cluster_labels(cfg, state, F, h * w)
-    mined = mining.mine_batch(
-        F, anchors, cfg.criterion, mining.MineParams.from_config(cfg), backend=cfg.backend, device=cfg.device,
+    mined = mine_batch(
+        F, anchors, cfg.criterion, MineParams.from_config(cfg), backend=cfg.backend, device=cfg.device,
         mem_budget_mb=cfg.mem_budget_mb, band=cfg.band, hp_pool=state.get("hp_pool"),
         cluster_of=cluster_of, keep_sets=cfg.criterion == "hp",
     )

@@ -51,17 +51,9 @@ import numpy as np
 
 from pipeline.cache.integrity import CorruptArtifact, sha256_bytes
 from pipeline.cache.store import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.mining.engines import (
-    AMB,
-    POS,
-    MinedBatch,
-    SetsCSR,
-    _same_cluster_sets,
-    _unassigned_amb_sets,
-    block_rows,
-    f32_ceil,
-    f32_floor,
-)
+from pipeline.mining.batch import block_rows
+from pipeline.mining.criteria import _same_cluster_sets, _unassigned_amb_sets
+from pipeline.mining.sets import AMB, POS, MinedBatch, SetsCSR, f32_ceil, f32_floor
 
 log = logging.getLogger("ppap.shards")
 
