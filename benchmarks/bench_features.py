@@ -41,8 +41,9 @@ def main() -> None:
     from pipeline.artifacts.layout import RunLayout
     from pipeline.cache import build as stage
     from pipeline.config.schema import FeaturesConfig
-    from pipeline.data.backbones import forward_tokens, input_size, load_backbone
+    from pipeline.data.backbones import forward_tokens, load_backbone
     from pipeline.data.datasets import get_dataset
+    from pipeline.data.specs import input_size
     from pipeline.data.views import eval_view, five_crops
 
     model, info, _ = load_backbone(args.backbone)

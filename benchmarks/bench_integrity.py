@@ -51,7 +51,8 @@ def main() -> None:
 
     import zarr
 
-    from pipeline.artifacts.features import FeatureStore, check_units, take_rows
+    from pipeline.artifacts.chunks import check_units
+    from pipeline.artifacts.features import FeatureStore, take_rows
     from pipeline.artifacts.layout import RunLayout
     from pipeline.cache.integrity import nonfinite_rows, sha256_bytes
 

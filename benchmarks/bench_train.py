@@ -29,7 +29,7 @@ import torch
 
 
 def _backbone(name: str, seed: int):
-    from pipeline.data import backbones
+    from pipeline.data import backbones, specs
 
     if name == "auto":
         try:
@@ -39,7 +39,7 @@ def _backbone(name: str, seed: int):
             print(f"offline DINOv2 not available ({exc}); using a random-weight ViT-S/14")
             name = "random-vits14"
     if name == "random-vits14":
-        spec = backbones.get_spec("dinov2_vits14_offline")
+        spec = specs.get_spec("dinov2_vits14_offline")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = backbones._build(spec)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.artifacts.features import normalise
     from pipeline.config.schema import TrainConfig
-    from pipeline.data.backbones import forward_tokens, input_size
+    from pipeline.data.backbones import forward_tokens
+    from pipeline.data.specs import input_size
     from pipeline.mining.batching import anchor_rows
     from pipeline.training.model import build_model
     from pipeline.training.train import _gather, make_optimisers, train_step

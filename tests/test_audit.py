@@ -484,7 +484,8 @@ def test_show_renders_expected_pngs(mined_store, tmp_path):
     from PIL import Image
 
     from pipeline.audit import show
-    from pipeline.mining.shards import read_shard, recover_sets, shard_path
+    from pipeline.mining.recover import recover_sets
+    from pipeline.mining.shards import read_shard, shard_path
 
     out, pl = mined_store
     cfg = ShowConfig(out=str(out), mined="ppap", epoch=0, batch=1, anchors=(0, 5), random=1, seed=0,

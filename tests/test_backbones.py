@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.data import backbones
+from pipeline.data import backbones, specs, weights
 
 DINO_NAMES = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"]
 
@@ -34,7 +34,7 @@ def _assert_same_state(a: torch.nn.Module, b: dict[str, torch.Tensor]) -> None:
 
 def _meta(name: str) -> torch.nn.Module:
     with torch.device("meta"):
-        return backbones._build(backbones.BACKBONES[name])
+        return backbones._build(specs.BACKBONES[name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,9 +42,9 @@ def _meta(name: str) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------
 
 def test_registry_names_and_architectures():
-    assert set(backbones.BACKBONES) == {*DINO_NAMES, "dinov2_vits14", "dinov2_vits14_offline",
+    assert set(specs.BACKBONES) == {*DINO_NAMES, "dinov2_vits14", "dinov2_vits14_offline",
                                         "vit_tiny_random"}
-    for name, spec in backbones.BACKBONES.items():
+    for name, spec in specs.BACKBONES.items():
         info = spec.info
         assert info.name == name
         model = _meta(name)
@@ -52,7 +52,7 @@ def test_registry_names_and_architectures():
         assert model.embed_dim == info.embed_dim and len(model.blocks) == info.num_blocks
         assert model.num_prefix_tokens == 1 and isinstance(model.norm, torch.nn.LayerNorm)
         assert len(info.mean) == 3 and len(info.std) == 3
-    sizes = {n: (backbones.BACKBONES[n].info.patch_size, backbones.BACKBONES[n].info.embed_dim) for n in DINO_NAMES}
+    sizes = {n: (specs.BACKBONES[n].info.patch_size, specs.BACKBONES[n].info.embed_dim) for n in DINO_NAMES}
     assert sizes == {"dino_vits16": (16, 384), "dino_vits8": (8, 384),
                      "dino_vitb16": (16, 768), "dino_vitb8": (8, 768)}
     with pytest.raises(ValueError, match="resnet50.*dino_vits16"):
@@ -75,14 +75,14 @@ def test_official_key_names_match_timm():
 
 
 def test_input_size():
-    info = {n: backbones.BACKBONES[n].info for n in ("dinov2_vits14", "dino_vits16", "dino_vits8")}
-    assert backbones.input_size(info["dinov2_vits14"], 320) == 322
-    assert backbones.input_size(info["dinov2_vits14"], 224) == 224
-    assert backbones.input_size(info["dino_vits16"], 320) == 320
-    assert backbones.input_size(info["dino_vits8"], 320) == 320
-    assert backbones.input_size(info["dino_vits16"], 5) == 16
+    info = {n: specs.BACKBONES[n].info for n in ("dinov2_vits14", "dino_vits16", "dino_vits8")}
+    assert specs.input_size(info["dinov2_vits14"], 320) == 322
+    assert specs.input_size(info["dinov2_vits14"], 224) == 224
+    assert specs.input_size(info["dino_vits16"], 320) == 320
+    assert specs.input_size(info["dino_vits8"], 320) == 320
+    assert specs.input_size(info["dino_vits16"], 5) == 16
     with pytest.raises(ValueError, match="side=0"):
-        backbones.input_size(info["dino_vits16"], 0)
+        specs.input_size(info["dino_vits16"], 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_wrong_keys_and_shapes_are_reported(tmp_path, tiny_source):
     bad["blocks.0.attn.qkv_renamed.weight"] = bad.pop("blocks.0.attn.qkv.weight")
     path = tmp_path / "renamed.pth"
     torch.save(bad, path)
-    with pytest.raises(backbones.BackboneWeightsError) as err:
+    with pytest.raises(specs.BackboneWeightsError) as err:
         backbones.load_backbone("vit_tiny_random", weights=str(path))
     msg = str(err.value)
     assert str(path) in msg and "1 missing keys" in msg and "blocks.0.attn.qkv.weight" in msg
@@ -258,7 +258,7 @@ def test_offline_hub_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setattr(backbones, "_hub_reachable", _no_network)
+    monkeypatch.setattr(weights, "_hub_reachable", _no_network)
     t0 = time.perf_counter()
     with pytest.raises(ValueError) as err:
         backbones.load_backbone("dino_vits16")
@@ -271,7 +271,7 @@ def test_offline_hub_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
 def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(weights, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="dinov2_vits14 needs weights .*not reachable.*--weights PATH"):
         backbones.load_backbone("dinov2_vits14")
 
@@ -289,7 +289,7 @@ def test_hub_cache_is_used_offline(tmp_path, monkeypatch):
     save_file(state, snap / "snapshots" / commit / "model.safetensors")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(backbones, "_hub_reachable", _no_network)
+    monkeypatch.setattr(weights, "_hub_reachable", _no_network)
     model, info, fp = backbones.load_backbone("dino_vits16")
     assert fp.startswith("hub:timm/vit_small_patch16_224.dino:")
     _assert_same_state(model, state)
@@ -306,7 +306,7 @@ def offline(tmp_path_factory):
     """The converted offline DINOv2, loaded once into a fresh cache (timed)."""
     pytest.importorskip("onnx")
     try:
-        backbones.onnx_model_path()
+        weights.onnx_model_path()
     except ValueError as exc:
         pytest.skip(str(exc))
     cache = tmp_path_factory.mktemp("ppap_cache")
@@ -323,7 +323,7 @@ def _onnx_session_with_taps():
     the final layernorm output and the residual stream entering the last layer."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    proto = onnx.load(str(backbones.onnx_model_path()))
+    proto = onnx.load(str(weights.onnx_model_path()))
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
 
@@ -389,7 +389,7 @@ def test_offline_conversion_cache_is_reused(offline, monkeypatch):
         raise AssertionError("converted again instead of reading the cache")
 
     monkeypatch.setenv("PPAP_CACHE", str(offline["cache"]))
-    monkeypatch.setattr(backbones, "onnx_to_timm_dinov2", fail)
+    monkeypatch.setattr(weights, "onnx_to_timm_dinov2", fail)
     t0 = time.perf_counter()
     again, _, fp = backbones.load_backbone("dinov2_vits14_offline")
     cached_s = time.perf_counter() - t0

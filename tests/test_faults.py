@@ -23,12 +23,8 @@ import torch
 import zarr
 from _fixtures import make_folder
 
-from pipeline.artifacts.features import (
-    STORE_NAME,
-    FeatureStore,
-    chunk_records,
-    marker_path,
-)
+from pipeline.artifacts.chunks import chunk_records, marker_path
+from pipeline.artifacts.features import STORE_NAME, FeatureStore
 from pipeline.cache import build as features
 from pipeline.cache.integrity import (
     CorruptArtifact,

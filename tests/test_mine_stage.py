@@ -15,7 +15,7 @@ from pipeline.artifacts.features import FeatureStore
 from pipeline.cache import build as features
 from pipeline.cache.store import ManifestMismatch
 from pipeline.config.schema import ExportConfig, MineConfig
-from pipeline.mining import export, mine, shards
+from pipeline.mining import export, mine, recover, shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_other_criteria_write_recoverable_shards(cache, thresholds, criterion):
     path = shards.iter_shards(cache / "mine" / cfg.run_name, 0)[0]
     sh = shards.read_shard(path)
     F = FeatureStore(cache).mining_features(sh.images)
-    sets = shards.recover_sets(sh, F)
+    sets = recover.recover_sets(sh, F)
     assert len(sets.amb_indices) == 0
     assert json.loads((cache / "mine" / cfg.run_name / "summary.json").read_text())["anchors"] > 0
     if criterion == "p0":  # positives = P⁰ minus self, checked directly

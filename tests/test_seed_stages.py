@@ -21,7 +21,7 @@ from pipeline.config.schema import (
     ShowConfig,
     TrainConfig,
 )
-from pipeline.mining import export, mine, shards
+from pipeline.mining import export, mine, recover, shards
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(eigen_steps=150)
@@ -90,7 +90,7 @@ def test_primaps_sets_follow_the_mask_pseudo_labels(store):
     masks = np.concatenate([primaps.principal_masks(F[b * GRID * GRID:(b + 1) * GRID * GRID]) + 100 * b
                             for b in range(len(sh.images))])  # ids made batch-wide by hand
     assert (masks >= 0).all()  # 16 patches per crop: 95% coverage rounds up to all of them
-    sets = shards.recover_sets(sh, F)
+    sets = recover.recover_sets(sh, F)
     labels = sh.cluster_of
     for i, a in enumerate(sh.anchors):
         want = set(np.flatnonzero(labels == labels[a]).tolist()) - {int(a)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.mining import eigen, primaps, shards
+from pipeline.mining import eigen, primaps, recover, shards
 from pipeline.mining.batch import mine_batch
 from pipeline.mining.sets import MineParams
 
@@ -255,7 +255,7 @@ def test_cluster_criterion_with_unassigned_rows_round_trips_through_a_shard(tmp_
     assert stats["anchors_without_positive"] == 2
     sh = shards.read_shard(path)
     np.testing.assert_array_equal(sh.cluster_of, cluster_of)
-    rec = shards.recover_sets(sh, F)
+    rec = recover.recover_sets(sh, F)
     for name in ("pos_indptr", "pos_indices", "amb_indptr", "amb_indices"):
         np.testing.assert_array_equal(getattr(rec, name), getattr(mb.sets(), name))
     # k-means shards (no unassigned rows) keep the earlier layout: no extra array

@@ -117,7 +117,7 @@ def test_training_selects_on_the_holdout_only(cache, mined):
 
 def test_eval_checkpoint_choices(cache, mined):
     from pipeline.artifacts.training import TrainRun
-    from pipeline.evaluation import evaluate
+    from pipeline.evaluation import fitting
 
     train.run(TrainConfig(out=str(cache), mined="ppap", name="ev", epochs=1, tau=0.2, lr=1e-4,
                           select_every=2, seed=0))
@@ -128,7 +128,7 @@ def test_eval_checkpoint_choices(cache, mined):
     for ck in ("best", "last", "labelfree"):
         assert (cache / "train" / "ev" / f"{ck}.pt").is_file()
         assert TrainRun(cache, "ev").checkpoint_for_eval(ck)[1].path.name == f"{ck}.pt"
-    assert evaluate.report_name(EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
+    assert fitting.report_name(EvalConfig(out=str(cache), trained="ev", checkpoint="labelfree")) == "ev-labelfree"
 
 
 def test_sweep_train_grid_over_training_and_mining_settings(cache, mined):

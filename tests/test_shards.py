@@ -7,10 +7,10 @@ import pytest
 
 from pipeline.mining.batch import mine_batch
 from pipeline.mining.criteria import assign_clusters, fit_kmeans
+from pipeline.mining.recover import export_batch, recover_sets
 from pipeline.mining.sets import MineParams
 from pipeline.mining.shards import (
     done_path,
-    export_batch,
     is_done,
     iter_shards,
     n_epochs,
@@ -19,7 +19,6 @@ from pipeline.mining.shards import (
     pack_uints,
     read_marker,
     read_shard,
-    recover_sets,
     shard_path,
     unpack_float32,
     unpack_uints,

@@ -203,8 +203,9 @@ def collect(
 ) -> tuple[dict[str, AnchorStats], list[AnchorStats]]:
     """Per-anchor counts of every run and every sweep point over the planned batches."""
     from pipeline.mining.batch import mine_batch
+    from pipeline.mining.recover import export_batch
     from pipeline.mining.sets import MineParams
-    from pipeline.mining.shards import export_batch, read_shard
+    from pipeline.mining.shards import read_shard
 
     run_stats: dict[str, list[AnchorStats]] = {r.name: [] for r in runs}
     points = sweep.points if sweep else []

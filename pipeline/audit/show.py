@@ -25,7 +25,7 @@ from pipeline.audit.metrics import subset_shard
 from pipeline.cache.integrity import hold_lock, releases_locks
 from pipeline.config.schema import ShowConfig
 from pipeline.evaluation.viz import colourise, palette
-from pipeline.mining.shards import recover_sets
+from pipeline.mining.recover import recover_sets
 
 log = logging.getLogger("ppap.show")
 

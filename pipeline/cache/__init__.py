@@ -1,0 +1,1 @@
+"""The Zarr feature cache and what keeps files honest: atomic writes and manifests (store), checksums and locks (integrity), the errors they raise (errors), and the features stage that builds the cache (build)."""

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts.features import FeatureCacheWriter, unit_key
+from pipeline.artifacts.chunks import unit_key
+from pipeline.artifacts.features import FeatureCacheWriter
 from pipeline.cache.integrity import (
     NonFinite,
     nonfinite_rows,
@@ -77,7 +78,7 @@ def _backbone(name: str, weights: str | None, device: str, seed: int):
 
 def _describe(cfg: FeaturesConfig) -> dict[str, Any]:
     """Identity of the cache: everything that changes its contents."""
-    from pipeline.data.backbones import input_size
+    from pipeline.data.specs import input_size
 
     model, info, weights_fp = _backbone(cfg.backbone, cfg.weights, cfg.device, cfg.seed)
     splits = {}
@@ -141,8 +142,9 @@ def process_unit(unit: Unit, cfg: FeaturesConfig) -> dict[str, Any]:
     """Compute and write one chunk; returns its stats. Safe to call again after a crash."""
     import torch
 
-    from pipeline.data.backbones import forward_tokens, input_size
+    from pipeline.data.backbones import forward_tokens
     from pipeline.data.base import CorruptImage
+    from pipeline.data.specs import input_size
     from pipeline.data.views import eval_view, five_crops, patch_labels
 
     t0 = time.perf_counter()

@@ -34,8 +34,24 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "CRITERIA", "PROBES", "SELECT_METRICS", "PRESETS", "STAGE_CONFIGS",
-    "AuditConfig", "EvalConfig", "ExportConfig", "FeaturesConfig", "MineConfig",
-    "PredictConfig", "ShowConfig", "SweepConfig", "TrainConfig",
-    "config_hash", "load_config_file", "parse_fraction", "resolve", "to_dict",
+    "CHECKPOINTS",
+    "CRITERIA",
+    "PRESETS",
+    "PROBES",
+    "SELECT_METRICS",
+    "STAGE_CONFIGS",
+    "AuditConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "FeaturesConfig",
+    "MineConfig",
+    "PredictConfig",
+    "ShowConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "config_hash",
+    "load_config_file",
+    "parse_fraction",
+    "resolve",
+    "to_dict",
 ]

@@ -107,7 +107,7 @@ CHECKPOINTS = ("best", "last", "labelfree")  # train/<run>/<name>.pt
 
 def check_mine_params(phi0: float, psi0: float, prop_iters: int, sigma_pos: float,
                       sigma_amb: float) -> None:
-    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.engines.MineParams."""
+    """Checks of the mining parameters, shared by MineConfig and pipeline.mining.sets.MineParams."""
     for name, v in (("phi0", phi0), ("psi0", psi0)):
         if not (-1.0 <= float(v) <= 1.0):
             raise ValueError(f"{name}={v} must be a cosine in [-1, 1]")

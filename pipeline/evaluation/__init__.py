@@ -1,0 +1,1 @@
+"""Measuring a representation: probes, metrics, CRF, seeds, the eval and predict stages, their figures."""

@@ -103,7 +103,7 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER
 
     faiss.Kmeans, seeded; `nredo` restarts, the one with the best objective is kept. The one
     k-means of the project: probes (evaluate, selection) and the k-means mining criterion
-    (pipeline.mining.engines.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
+    (pipeline.mining.criteria.fit_kmeans, niter 20, one run, rows already unit: `normalise=False`).
     """
     import faiss
 

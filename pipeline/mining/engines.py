@@ -1,4 +1,4 @@
-"""Mining one batch: PPAP (docs/method.md §2) and the comparison criteria of §7.
+"""The similarity engines behind `mine_batch`: PPAP propagation (docs/method.md §2) per anchor block.
 
 Semantics (§2): s = v · Fᵀ in float32; P⁰ = {j : s_ij > Φ0}; for t = 1..T the proxy is the
 normalised sum of the previous set, d = 1 − v_{t−1}·v_t, Φ −= d/σpos, Ψ += d/σamb (per-anchor
@@ -20,17 +20,10 @@ Backends (same results up to pairs within ~1e-5 of a threshold):
   faiss, cuda  faiss GPU brute-force distances (bfKnn, all pairs) into a torch block; rest on GPU.
   torch        dense torch block matmuls (CPU or CUDA), the fastest path on CPU (MKL).
 
-API
----
-MineParams(phi0, psi0, prop_iters, sigma_pos, sigma_amb); MineParams.from_config(cfg)
-mine_batch(F, anchors, criterion, params, backend="faiss", device="cpu", mem_budget_mb=512,
-           band=1e-4, hp_pool=None, cluster_of=None, keep_sets=True) -> MinedBatch
-SetsCSR(pos_indptr, pos_indices, amb_indptr, amb_indices)   int64 CSR over anchors
-hp_row_thresholds(F, pool, backend="faiss", device="cpu", mem_budget_mb=512) -> (N,) float64
-    c_j = max cosine of row j to the HP pool (§7); mine_batch computes it from hp_pool.
-fit_kmeans(X, k, seed, niter=20) -> (k, D) float32 spherical centroids (probes.spherical_kmeans)
-assign_clusters(F, centroids, mem_budget_mb=512) -> (N,) int64 (max cosine)
-Helpers to draw the HP pool / k-means sample live in pipeline.mining.batching.sample_patches.
+Where the rest lives: `pipeline.mining.batch.mine_batch` (the entry point, blocks to the memory
+budget), `pipeline.mining.sets` (MineParams, SetsCSR, MinedBatch), `pipeline.mining.criteria`
+(the HP thresholds, k-means fit and assignment of §7). `_make_engine(F, backend, device)` gives
+the engine whose `.block(anchors, ...)` returns one block's sets.
 """
 
 from __future__ import annotations

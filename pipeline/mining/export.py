@@ -4,7 +4,7 @@ Reads one finished shard of `<out>/mine/<mined>/` (pipeline.artifacts.mined.Mine
 checks that the sets belong to this feature cache and verifies the shard's checksum) and writes
 `features` (N x D float32, exactly what the miner used), `anchors`, the CSR positive and
 ambiguous sets, `proxy`, `phi`, `psi` and, for a labelled cache, `patch_label` and
-`image_index` (pipeline.mining.shards.export_batch).
+`image_index` (pipeline.mining.recover.export_batch).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.artifacts.features import FeatureStore, take_rows
 from pipeline.artifacts.mined import MinedSets
 from pipeline.cache.store import atomic_write_bytes
 from pipeline.config.schema import ExportConfig
-from pipeline.mining.shards import export_batch
+from pipeline.mining.recover import export_batch
 
 log = logging.getLogger("ppap.export")
 

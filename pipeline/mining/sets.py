@@ -114,7 +114,7 @@ class MinedBatch:
     def sets(self) -> SetsCSR:
         if not self.has_sets:
             raise ValueError("this batch was mined with keep_sets=False; mine with keep_sets=True "
-                             "or recover the sets from its shard (pipeline.mining.shards.recover_sets)")
+                             "or recover the sets from its shard (pipeline.mining.recover.recover_sets)")
         return SetsCSR(self.pos_indptr, self.pos_indices, self.amb_indptr, self.amb_indices)
 
 

@@ -35,7 +35,7 @@ from pipeline.config.schema import TrainConfig
 from pipeline.evaluation.plots import curve_png
 from pipeline.evaluation.probes import code_stats, spherical_kmeans
 from pipeline.executor import StageInterrupted, progress, timed
-from pipeline.mining.shards import recover_sets
+from pipeline.mining.recover import recover_sets
 from pipeline.training.loss import ppap_loss
 from pipeline.training.model import CKPT_FORMAT, build_model
 from pipeline.training.selection import Holdout, best_choice, labelfree_choice
