@@ -314,6 +314,23 @@ def train_eval_table(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+PASS_THROUGH = ("--mine-args", "--train-args", "--eval-args")
+
+
+def join_pass_through(argv: list[str]) -> list[str]:
+    """`--eval-args --no-crf` as `--eval-args=--no-crf`: argparse would take a lone value that
+    starts with '-' for an option of its own and stop with 'expected one argument'."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in PASS_THROUGH and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -345,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                         "same mined sets, e.g. --tag e10 --train-args '--epochs 10')")
     p.add_argument("--md", default=None, help="also write the Markdown table to this file")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
-    args = p.parse_args(argv)
+    args = p.parse_args(join_pass_through(sys.argv[1:] if argv is None else list(argv)))
     if args.what == "train-eval" and args.table_only:
         emit(args, train_eval_table(args))
         return
