@@ -21,9 +21,9 @@ redone (every stage resumes), so rerunning after an interruption only does what 
     python scripts/compare_criteria.py train-eval --preset camvid --seeds 3
 
 Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
-through, quoted), --checkpoints (train-eval: best last labelfree), --seeds N (training seeds
-seed..seed+N-1; audit: mining seeds), --seed, --tag (train-eval: train `<criterion>-<tag>` on the
-same mined sets, e.g. another schedule), --table-only, --md FILE (also write the table there),
+through, quoted: --eval-args --no-crf), --checkpoints (train-eval: best last labelfree),
+--seeds N (training seeds seed..seed+N-1; audit: mining seeds), --seed, --tag (train-eval:
+train `<criterion>-<tag>` on the same mined sets, e.g. another schedule), --table-only, --md FILE (also write the table there),
 --dry-run (print the commands).
 
 Seed s (s = --seed is the first) mines `<out>/mine/<criterion>` with `--seed s`, later seeds
@@ -314,7 +314,9 @@ def train_eval_table(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-PASS_THROUGH = ("--mine-args", "--train-args", "--eval-args")
+PASS_THROUGH = {"--mine-args": "extra flags for every mine command",
+                "--train-args": "extra flags for every train command",
+                "--eval-args": "extra flags for every eval command"}
 
 
 def join_pass_through(argv: list[str]) -> list[str]:
@@ -340,9 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     p.add_argument("--batches", type=int, default=3, help="audit: batches of plan 0")
     p.add_argument("--max-anchors", type=int, default=1024, help="audit: anchors per batch")
-    p.add_argument("--mine-args", default="", help="extra flags for every mine command")
-    p.add_argument("--train-args", default="", help="extra flags for every train command")
-    p.add_argument("--eval-args", default="", help="extra flags for every eval command")
+    for flag, text in PASS_THROUGH.items():
+        p.add_argument(flag, default="", help=f"{text} (quoted; may start with '-')")
     p.add_argument("--run", nargs="+", default=[], metavar="CRITERION=RUN",
                    help="train-eval: use an existing training run for a criterion (e.g. a "
                         "sweep-train run: ppap=tau-tau0.1) instead of training train/<criterion>")

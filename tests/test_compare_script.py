@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_criteria.py"
 
 
-def load():
+@pytest.fixture(scope="module")
+def mod():
+    """The script, loaded once as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("compare_criteria", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compare_criteria", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_a_pass_through_value_may_start_with_a_dash():
-    mod = load()
+def test_a_pass_through_value_may_start_with_a_dash(mod):
     argv = ["train-eval", "--eval-args", "--no-crf", "--mine-args", "--plans 10", "--seeds", "2"]
     assert mod.join_pass_through(argv) == [
         "train-eval", "--eval-args=--no-crf", "--mine-args=--plans 10", "--seeds", "2"]
@@ -27,8 +28,7 @@ def test_a_pass_through_value_may_start_with_a_dash():
         "--eval-args=--no-crf", "--eval-args"]
 
 
-def test_dry_run_passes_the_flags_to_every_eval(tmp_path, capsys):
-    mod = load()
+def test_dry_run_passes_the_flags_to_every_eval(mod, tmp_path, capsys):
     mod.main(["train-eval", "--out", str(tmp_path), "--criteria", "p0", "--seeds", "2",
               "--eval-args", "--no-crf", "--mine-args", "--plans 2", "--dry-run"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
