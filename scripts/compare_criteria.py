@@ -22,8 +22,9 @@ redone (every stage resumes), so rerunning after an interruption only does what 
 
 Options: --criteria (subset, in order), --mine-args/--train-args/--eval-args (extra flags passed
 through, quoted: --eval-args --no-crf), --checkpoints (train-eval: best last labelfree),
---seeds N (training seeds seed..seed+N-1; audit: mining seeds), --seed, --tag (train-eval:
-train `<criterion>-<tag>` on the same mined sets, e.g. another schedule), --table-only, --md FILE (also write the table there),
+--seeds N (training seeds seed..seed+N-1; audit: mining seeds), --seed, --tag
+(train-eval: train `<criterion>-<tag>` on the same mined sets, e.g. another schedule),
+--table-only, --md FILE (also write the table there),
 --dry-run (print the commands).
 
 Seed s (s = --seed is the first) mines `<out>/mine/<criterion>` with `--seed s`, later seeds
